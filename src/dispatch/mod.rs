@@ -1,0 +1,8 @@
+//! Connection dispatch: the per-worker channel ([`channel`]) and the policies that pick a
+//! worker for each accepted connection ([`policy`]).
+
+pub mod channel;
+pub mod policy;
+
+pub use channel::{Channel, SendError};
+pub use policy::{Candidate, Policy};

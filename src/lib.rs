@@ -1,0 +1,58 @@
+//! sockvisor: one socket, N workers of any language, natively on systemd.
+//!
+//! The `sockvisor` binary is a supervisor in the spirit of Node's `cluster` primary: it takes
+//! its sockets from systemd (or binds them), forks N workers, shares UDP sockets with them and
+//! hands each accepted TCP connection to a worker over a `SOCK_SEQPACKET` channel with
+//! `SCM_RIGHTS`. The library half ([`worker`]) is the Rust API for workers.
+//!
+//! # Invariants
+//!
+//! 1. **One thread.** The supervisor is a single-threaded event loop (epoll + signalfd +
+//!    timerfd) that owns all state. No thread is ever alive when it forks, so the child may
+//!    run the prepared exec path without fear of a lock held by another thread.
+//! 2. **Signals are data.** Every signal sockvisor handles is blocked from the first line of
+//!    `main` and read from a signalfd; nothing runs in a signal handler. Children get an
+//!    empty mask and default dispositions before exec.
+//! 3. **Nothing leaks into workers.** Every fd sockvisor opens is `O_CLOEXEC`; a worker gets
+//!    exactly fds 0-2 and its listeners at 3.. . Its environment is built explicitly: systemd's
+//!    `NOTIFY_SOCKET`, `WATCHDOG_*` and `LISTEN_*` never reach it.
+//! 4. **Everything between fork and exec is prepared before fork** (`spawn`): argv, envp with
+//!    a `LISTEN_PID` placeholder patched in place, fd plan, credentials. The child only makes
+//!    raw async-signal-safe syscalls.
+//! 5. **No accepted connection is dropped by sockvisor.** A connection is either in
+//!    `pending_connections`, or in exactly one worker's channel queue, or owned by a worker.
+//!    sockvisor keeps its own reference to every worker's end of every channel, so the queue
+//!    of a dead worker is read back and re-dispatched.
+//! 6. **Bounded memory.** A worker's channel holds at most `window` connections;
+//!    `pending_connections` is bounded; when nothing can be queued the listener is removed
+//!    from epoll and the kernel backlog absorbs the burst.
+//! 7. **One PID for life.** Reload replaces workers in generations; the supervisor never
+//!    re-execs itself, so systemd's MAINPID never changes.
+//! 8. **Upstream health is honest.** `READY=1` only when the fleet is ready; `WATCHDOG=1`
+//!    only while the loop runs and enough workers are healthy. Workers' own notifications are
+//!    consumed by sockvisor and never forwarded.
+
+pub mod activation;
+pub mod config;
+pub mod control;
+pub mod dispatch;
+pub mod logging;
+pub mod protocol;
+pub mod spawn;
+pub mod supervisor;
+pub mod systemd;
+pub mod worker;
+pub mod worker_notify;
+
+/// Exit codes: a contract (DESIGN.md section 3), documented in docs/config.md.
+pub mod exit {
+    /// Clean stop.
+    pub const OK: i32 = 0;
+    /// The fleet could not stay up: every slot kept failing (EX_UNAVAILABLE), so systemd's
+    /// `Restart=` and start limits take over.
+    pub const FLEET_FAILED: i32 = 69;
+    /// Internal error (EX_SOFTWARE): a syscall sockvisor cannot run without failed.
+    pub const INTERNAL: i32 = 70;
+    /// Configuration or usage error (EX_CONFIG); units say `RestartPreventExitStatus=78`.
+    pub const CONFIG: i32 = 78;
+}

@@ -1,0 +1,56 @@
+//! Logging to stderr. Under systemd (`JOURNAL_STREAM` names our stderr) each line starts with
+//! a `<N>` syslog priority, which journald turns into the entry's priority; elsewhere lines
+//! read `sockvisor: LEVEL message`. The level comes from `SOCKVISOR_LOG` (or `RUST_LOG`),
+//! default `info`.
+
+use log::Level;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+fn priority(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+/// True when stderr is the journal stream systemd set up (`JOURNAL_STREAM=dev:inode`).
+fn stderr_is_journal() -> bool {
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.split_once(':') else {
+        return false;
+    };
+    let stderr = std::io::stderr();
+    let Ok(st) = nix::sys::stat::fstat(&stderr) else {
+        return false;
+    };
+    let _ = stderr.as_raw_fd();
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+}
+
+/// Install the logger. Safe to call more than once (later calls do nothing).
+pub fn init() {
+    let filter = std::env::var("SOCKVISOR_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let journal = stderr_is_journal();
+    let mut builder = env_logger::Builder::new();
+    builder.parse_filters(&filter);
+    builder.format(move |buf, record| {
+        if journal {
+            writeln!(buf, "<{}>{}", priority(record.level()), record.args())
+        } else {
+            writeln!(
+                buf,
+                "sockvisor: {:<5} {}",
+                record.level().as_str().to_ascii_lowercase(),
+                record.args()
+            )
+        }
+    });
+    let _ = builder.try_init();
+}
