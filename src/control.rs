@@ -65,3 +65,19 @@ pub struct Reply {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub status: Option<FleetStatus>,
 }
+
+/// SKELETON stub.
+pub fn request(
+    path: &std::path::Path,
+    req: &Request,
+    timeout: std::time::Duration,
+) -> Result<Reply, String> {
+    let _ = (path, req, timeout);
+    todo!()
+}
+
+/// SKELETON stub.
+pub fn format_status_table(status: &FleetStatus) -> String {
+    let _ = status;
+    todo!()
+}

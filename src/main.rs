@@ -1,3 +1,74 @@
-fn main() {
-    todo!()
+//! `sockvisor`: run a fleet, or talk to a running one.
+
+use sockvisor::config::{self, Invocation, Sources};
+use sockvisor::{activation, control, exit, logging, supervisor, systemd};
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    // Before anything else, and before any thread could exist: block the signals the
+    // supervisor reads from its signalfd, take systemd's fds and unset LISTEN_* and
+    // WATCHDOG_* (invariants 1 and 2).
+    if let Err(e) = supervisor::handled_signals().thread_block() {
+        eprintln!("sockvisor: cannot block signals: {e}");
+        return ExitCode::from(exit::INTERNAL as u8);
+    }
+    let passed = activation::take_from_env();
+    let upstream = systemd::Upstream::from_env();
+    logging::init();
+    let code = match config::load(&Sources::from_process()) {
+        Err(e) => {
+            eprintln!("sockvisor: {e}");
+            exit::CONFIG
+        }
+        Ok(Invocation::Help(text)) => {
+            print!("{text}");
+            exit::OK
+        }
+        Ok(Invocation::Version) => {
+            println!("sockvisor {}", env!("CARGO_PKG_VERSION"));
+            exit::OK
+        }
+        Ok(Invocation::Run(config)) => supervisor::run(*config, passed, upstream),
+        Ok(Invocation::Status { control, json }) => {
+            client(&control, control::Request::Status, json)
+        }
+        Ok(Invocation::Reload { control }) => client(&control, control::Request::Reload, false),
+        Ok(Invocation::Scale { control, workers }) => {
+            client(&control, control::Request::Scale { workers }, false)
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+/// Send one request to a running sockvisor and print the answer.
+fn client(path: &std::path::Path, request: control::Request, json: bool) -> i32 {
+    let timeout = Duration::from_secs(600);
+    let reply = match control::request(path, &request, timeout) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sockvisor: {e}");
+            return 1;
+        }
+    };
+    if !reply.ok {
+        eprintln!(
+            "sockvisor: {}",
+            reply.error.as_deref().unwrap_or("request failed")
+        );
+        return 1;
+    }
+    match (&reply.status, json) {
+        (Some(status), true) => println!(
+            "{}",
+            serde_json::to_string_pretty(status).unwrap_or_default()
+        ),
+        (Some(status), false) => print!("{}", control::format_status_table(status)),
+        (None, _) => {
+            if let Some(m) = &reply.message {
+                println!("{m}");
+            }
+        }
+    }
+    0
 }

@@ -68,3 +68,8 @@ impl NotifyServer {
         todo!()
     }
 }
+
+/// SKELETON stub.
+pub fn make_private_runtime_dir() -> std::io::Result<PathBuf> {
+    todo!()
+}

@@ -1,0 +1,90 @@
+//! Restart backoff of one slot: capped exponential, reset once a worker stays up.
+
+use crate::config::Backoff;
+use std::time::Duration;
+
+/// The restart history of one slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotHistory {
+    /// Restarts of this slot since sockvisor started.
+    pub restarts: u64,
+    /// Failures in a row: exits of workers that did not stay up `reset_after`.
+    pub consecutive_failures: u32,
+}
+
+impl SlotHistory {
+    /// Record an unexpected exit after `uptime`; returns the delay before the restart.
+    pub fn failed(&mut self, policy: &Backoff, uptime: Duration) -> Duration {
+        if uptime >= policy.reset_after {
+            self.consecutive_failures = 0;
+        }
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.restarts += 1;
+        delay(policy, self.consecutive_failures)
+    }
+
+    /// Record an expected exit (drained, or the worker said STOPPING=1 and exited 0).
+    pub fn replaced(&mut self) {
+        self.restarts += 1;
+    }
+
+    /// True once this slot has failed `give_up_after` times in a row.
+    pub fn exhausted(&self, policy: &Backoff) -> bool {
+        self.consecutive_failures >= policy.give_up_after
+    }
+}
+
+/// The delay before restart number `failures` (1-based): `initial * 2^(failures-1)`, capped.
+pub fn delay(policy: &Backoff, failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(31);
+    policy
+        .initial
+        .checked_mul(1u32 << exponent)
+        .unwrap_or(policy.max)
+        .min(policy.max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+            reset_after: Duration::from_secs(10),
+            give_up_after: 4,
+        }
+    }
+
+    #[test]
+    fn grows_and_caps() {
+        let p = policy();
+        let mut h = SlotHistory::default();
+        let delays: Vec<_> = (0..7).map(|_| h.failed(&p, Duration::ZERO)).collect();
+        let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert!(h.exhausted(&p));
+        assert_eq!(h.restarts, 7);
+    }
+
+    #[test]
+    fn resets_after_staying_up() {
+        let p = policy();
+        let mut h = SlotHistory::default();
+        h.failed(&p, Duration::ZERO);
+        h.failed(&p, Duration::ZERO);
+        h.failed(&p, Duration::ZERO);
+        assert_eq!(
+            h.failed(&p, Duration::from_secs(11)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(h.consecutive_failures, 1);
+        assert!(!h.exhausted(&p));
+    }
+
+    #[test]
+    fn huge_counts_do_not_overflow() {
+        assert_eq!(delay(&policy(), u32::MAX), Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,211 @@
+//! Health: sockvisor is its workers' systemd. Their notifications drive readiness and the
+//! worker watchdog; the fleet's health drives `READY=1` and `WATCHDOG=1` upstream.
+
+use super::fleet::WorkerState;
+use super::{Phase, Supervisor};
+use crate::config::ReadyMode;
+use crate::systemd::Upstream;
+use crate::worker_notify::Notification;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// Messages from processes that are not live workers are logged at most this often.
+const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+pub(super) struct HealthState {
+    /// When to send the next `WATCHDOG=1` (systemd asked for a watchdog).
+    next_ping: Option<Instant>,
+    ping_interval: Option<Duration>,
+    /// Since when fewer than `min_healthy` workers are healthy.
+    unhealthy_since: Option<Instant>,
+    /// `WATCHDOG=trigger` was sent for the current unhealthy period.
+    triggered: bool,
+    /// Notifications dropped because the sender was not a live worker.
+    pub dropped: u64,
+    dropped_logged: Option<Instant>,
+}
+
+impl HealthState {
+    pub(super) fn start(&mut self, upstream: &Upstream, now: Instant) {
+        self.ping_interval = upstream.watchdog_interval();
+        self.next_ping = self.ping_interval.map(|_| now);
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.next_ping
+    }
+}
+
+impl Supervisor {
+    /// Drain the workers' notify socket.
+    pub(super) fn read_notifications(&mut self) {
+        let now = Instant::now();
+        loop {
+            let received = match self.notify.recv() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("reading the workers' notify socket failed: {e}");
+                    break;
+                }
+            };
+            let live = received.pid.filter(|pid| self.workers.contains_key(pid));
+            match live {
+                Some(pid) => {
+                    self.apply_notification(Pid::from_raw(pid), received.notification, now)
+                }
+                None => self.drop_notification(received.pid, now),
+            }
+        }
+    }
+
+    fn drop_notification(&mut self, pid: Option<i32>, now: Instant) {
+        self.health.dropped += 1;
+        if self
+            .health
+            .dropped_logged
+            .is_none_or(|t| now >= t + DROPPED_LOG_INTERVAL)
+        {
+            self.health.dropped_logged = Some(now);
+            log::warn!(
+                "ignored a notification from {} (not a live worker; {} ignored so far)",
+                pid.map_or("an unknown sender".to_string(), |p| format!("pid {p}")),
+                self.health.dropped
+            );
+        }
+    }
+
+    fn apply_notification(&mut self, pid: Pid, n: Notification, now: Instant) {
+        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
+            return;
+        };
+        if let Some(status) = n.status {
+            w.last_status = Some(status);
+            self.status.changed = true;
+        }
+        if let Some(usec) = n.watchdog_usec {
+            w.watchdog = (usec > 0).then(|| Duration::from_micros(usec));
+            w.watchdog_deadline = w.watchdog.map(|d| now + d);
+        }
+        if n.watchdog && w.state != WorkerState::Draining {
+            w.watchdog_deadline = w.watchdog.map(|d| now + d);
+        }
+        if let Some(usec) = n.extend_timeout_usec {
+            let until = now + Duration::from_micros(usec);
+            if let Some(d) = w.ready_deadline.as_mut() {
+                *d = (*d).max(until);
+            }
+            if let Some(d) = w.kill_at.as_mut() {
+                *d = (*d).max(until);
+            }
+        }
+        if n.ready && w.state == WorkerState::Starting {
+            w.state = WorkerState::Ready;
+            w.ready_deadline = None;
+            log::info!(
+                "worker {} ready (pid {pid}, {:.0} ms after start)",
+                w.slot,
+                now.saturating_duration_since(w.started).as_secs_f64() * 1000.0
+            );
+            self.fleet_changed();
+        }
+        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
+            return;
+        };
+        if n.stopping && !w.said_stopping {
+            // Never forwarded upstream: a worker stopping is not the service stopping.
+            w.said_stopping = true;
+            log::info!(
+                "worker {} (pid {pid}) is stopping (STOPPING=1); no more connections for it",
+                w.slot
+            );
+            self.fleet_changed();
+        }
+        if n.watchdog_trigger {
+            self.murder(
+                pid,
+                Signal::SIGABRT,
+                "asked for it (WATCHDOG=trigger)",
+                true,
+                now,
+            );
+        }
+        if let Some(errno) = n.errno {
+            log::info!("worker (pid {pid}) reported ERRNO={errno}");
+        }
+    }
+
+    pub(super) fn healthy_workers(&self, now: Instant) -> usize {
+        self.workers.values().filter(|w| w.healthy(now)).count()
+    }
+
+    pub(super) fn ready_count(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.dispatchable() && !w.retired)
+            .count()
+    }
+
+    /// `READY=1` once the initial fleet is ready; the upstream watchdog.
+    pub(super) fn tick_health(&mut self, now: Instant) {
+        if self.phase == Phase::Starting {
+            let needed = self
+                .config
+                .min_ready
+                .unwrap_or(self.slots.len())
+                .min(self.slots.len());
+            if self.ready_count() >= needed {
+                self.phase = Phase::Running;
+                let summary = self.summary();
+                log::info!("fleet ready: {summary}");
+                self.upstream.ready(&summary);
+                self.status.sent(summary, now);
+            } else if self.config.ready == ReadyMode::Notify && !self.status.start_extended {
+                self.status.start_extended = true;
+                self.upstream
+                    .extend_timeout(self.config.ready_timeout + Duration::from_secs(5));
+            }
+        }
+        let Some(interval) = self.health.ping_interval else {
+            return;
+        };
+        if self.health.next_ping.is_some_and(|t| now < t) {
+            return;
+        }
+        self.health.next_ping = Some(now + interval);
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        let healthy = self.healthy_workers(now);
+        if self.phase == Phase::Starting || healthy >= self.config.min_healthy {
+            if self.health.unhealthy_since.take().is_some() {
+                log::info!(
+                    "fleet healthy again ({healthy} healthy workers); watchdog pings resume"
+                );
+            }
+            self.health.triggered = false;
+            self.upstream.watchdog();
+            return;
+        }
+        let since = *self.health.unhealthy_since.get_or_insert_with(|| {
+            log::warn!(
+                "fleet unhealthy: {healthy} healthy workers, {} needed; withholding watchdog pings",
+                self.config.min_healthy
+            );
+            now
+        });
+        if !self.health.triggered
+            && now.saturating_duration_since(since) >= self.config.unhealthy_grace
+        {
+            self.health.triggered = true;
+            log::error!(
+                "fleet unhealthy for {}s: asking systemd to restart the service (WATCHDOG=trigger)",
+                self.config.unhealthy_grace.as_secs()
+            );
+            self.upstream
+                .watchdog_trigger("unhealthy: no healthy workers");
+        }
+    }
+}
