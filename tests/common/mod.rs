@@ -1,0 +1,330 @@
+//! Shared helpers for the integration tests: the real `sockvisor` binary in its own process
+//! group (killed as a group when the test ends, pass or fail), a NOTIFY_SOCKET the test
+//! listens on, free loopback ports, and small TCP/UDP clients.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn sockvisor_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sockvisor"))
+}
+
+/// `target/<profile>/examples/<name>`: cargo test builds the examples.
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let p = profile_dir.join("examples").join(name);
+    assert!(
+        p.exists(),
+        "{} not built (cargo test builds examples)",
+        p.display()
+    );
+    p
+}
+
+pub fn hello_bin() -> PathBuf {
+    example_bin("hello")
+}
+
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+pub fn probe_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/probe.py")
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// A unix datagram socket standing in for systemd's notify socket.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    sock: UnixDatagram,
+    _dir: tempfile::TempDir,
+    pub seen: Vec<String>,
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        NotifySocket {
+            path,
+            sock,
+            _dir: dir,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait for a datagram containing `needle` (as a whole line), up to `timeout`. Every
+    /// datagram received is kept in `seen`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self
+                .seen
+                .iter()
+                .find(|m| m.lines().any(|l| l == needle || l.starts_with(needle)))
+            {
+                return Some(m.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut buf = vec![0u8; 65536];
+            match self.sock.recv(&mut buf) {
+                Ok(n) => self
+                    .seen
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Like `wait_for`, but only datagrams that arrive from now on count.
+    pub fn wait_for_new(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let before = self.seen.len();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.seen[before..]
+                .iter()
+                .find(|m| m.lines().any(|l| l.starts_with(needle)))
+            {
+                return Some(m.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut buf = vec![0u8; 65536];
+            match self.sock.recv(&mut buf) {
+                Ok(n) => self
+                    .seen
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// A running `sockvisor` (or any command) in its own process group.
+pub struct Fleet {
+    pub child: Child,
+    pub log_path: PathBuf,
+    _log_dir: tempfile::TempDir,
+    status: Option<ExitStatus>,
+}
+
+pub struct FleetBuilder {
+    cmd: Command,
+}
+
+impl FleetBuilder {
+    /// `sockvisor ARGS`, with systemd's variables removed from the environment.
+    pub fn new<I, S>(args: I) -> FleetBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Self::program(sockvisor_bin(), args)
+    }
+
+    pub fn program<I, S>(program: impl AsRef<std::ffi::OsStr>, args: I) -> FleetBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        for k in [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+        ] {
+            cmd.env_remove(k);
+        }
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SOCKVISOR_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("SOCKVISOR_LOG", "debug");
+        FleetBuilder { cmd }
+    }
+
+    pub fn env(mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.env(k, v);
+        self
+    }
+
+    pub fn notify(self, n: &NotifySocket) -> Self {
+        self.env("NOTIFY_SOCKET", &n.path)
+    }
+
+    pub fn start(mut self) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stderr.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        self.cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        let child = self.cmd.spawn().expect("spawn");
+        Fleet {
+            child,
+            log_path,
+            _log_dir: dir,
+            status: None,
+        }
+    }
+}
+
+impl Fleet {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait for the process to exit, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.status = Some(s);
+                return self.status;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // The whole process group: sockvisor and every worker it forked.
+        // SAFETY: killpg(2) on the group this test created for its child.
+        unsafe { libc::killpg(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- sockvisor log ---\n{}\n--- end ---", self.log());
+        }
+    }
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(") ")
+            .map(|(_, rest)| !rest.starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Wait until `pid` is gone, up to `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Children of `pid` (from /proc/<pid>/task/*/children).
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out.retain(|&p| alive(p));
+    out
+}
+
+/// Connect, send `request`, read until EOF.
+pub fn tcp_request(port: u16, request: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+pub fn http_get(port: u16) -> std::io::Result<String> {
+    tcp_request(
+        port,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// Send one datagram and wait for the reply.
+pub fn udp_request(port: u16, data: &[u8]) -> std::io::Result<String> {
+    let s = UdpSocket::bind("127.0.0.1:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.send_to(data, ("127.0.0.1", port))?;
+    let mut buf = [0u8; 65536];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Read the probe workers' reports in `dir`.
+pub fn probe_reports(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            out.push(serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap());
+        }
+    }
+    out
+}

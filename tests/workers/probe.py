@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""A test worker written the plain systemd way (socket.socket(fileno=3), stdlib only).
+
+It inspects what sockvisor gave it before touching anything (fds via fstat, never by
+opening /proc/self/fd, environment), writes that to $PROBE_DIR/<pid>.json, then serves:
+TCP (a listening socket, or a sockvisor channel: SOCK_SEQPACKET) answers
+"probe <worker id> <pid>\n" and closes; UDP echoes "probe <id> <pid>: <data>".
+Knobs: PROBE_EXIT=N exits at once with N; PROBE_IGNORE_TERM=1 ignores SIGTERM;
+PROBE_NO_READY=1 never sends READY=1; PROBE_READY_DELAY=seconds.
+"""
+import array, json, os, selectors, signal, socket, stat, sys, time
+
+if "PROBE_EXIT" in os.environ:
+    sys.exit(int(os.environ["PROBE_EXIT"]))
+
+open_fds = []
+for fd in range(0, 256):
+    try:
+        os.fstat(fd)
+        open_fds.append(fd)
+    except OSError:
+        pass
+
+wid = os.environ.get("SOCKVISOR_WORKER_ID", "?")
+pid = os.getpid()
+n = int(os.environ.get("LISTEN_FDS", "0"))
+names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+socks, info = [], {}
+for i in range(n):
+    fd = 3 + i
+    s = socket.socket(fileno=fd)
+    info[str(fd)] = {
+        "name": names[i] if i < len(names) else None,
+        "family": s.family.name,
+        "type": s.type.name,
+        "listening": bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)),
+        "inheritable": os.get_inheritable(fd),
+    }
+    socks.append(s)
+
+report = {
+    "pid": pid,
+    "listen_pid": os.environ.get("LISTEN_PID"),
+    "listen_fds": os.environ.get("LISTEN_FDS"),
+    "listen_fdnames": os.environ.get("LISTEN_FDNAMES"),
+    "worker_id": wid,
+    "open_fds": open_fds,
+    "fds": info,
+    "env": {k: v for k, v in os.environ.items()
+            if k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "SOCKVISOR_", "INVOCATION_"))},
+    "uid": os.getuid(),
+    "sigmask": open("/proc/self/status").read().split("SigBlk:")[1].split()[0],
+    "sigign": open("/proc/self/status").read().split("SigIgn:")[1].split()[0],
+}
+d = os.environ.get("PROBE_DIR")
+if d:
+    tmp = os.path.join(d, f".{pid}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f)
+    os.rename(tmp, os.path.join(d, f"{pid}.json"))
+
+if os.environ.get("PROBE_IGNORE_TERM") == "1":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def notify(msg):
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(msg.encode(), path)
+
+def answer(conn):
+    try:
+        conn.sendall(f"probe {wid} {pid}\n".encode())
+    finally:
+        conn.close()
+
+sel = selectors.DefaultSelector()
+for s in socks:
+    sel.register(s, selectors.EVENT_READ)
+if os.environ.get("PROBE_NO_READY") != "1":
+    time.sleep(float(os.environ.get("PROBE_READY_DELAY", "0")))
+    notify("READY=1\nSTATUS=probe serving")
+
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        if s.type == socket.SOCK_SEQPACKET:
+            fds = array.array("i")
+            msg, anc, flags, _ = s.recvmsg(8, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+            if not msg:
+                sys.exit(0)  # sockvisor is gone
+            for level, typ, data in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            for fd in fds:
+                answer(socket.socket(fileno=fd))
+        elif s.type == socket.SOCK_STREAM:
+            conn, _ = s.accept()
+            answer(conn)
+        else:
+            data, addr = s.recvfrom(65535)
+            s.sendto(f"probe {wid} {pid}: ".encode() + data, addr)
