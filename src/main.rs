@@ -16,7 +16,8 @@ fn main() -> ExitCode {
     let passed = activation::take_from_env();
     let upstream = systemd::Upstream::from_env();
     logging::init();
-    let code = match config::load(&Sources::from_process()) {
+    let sources = Sources::from_process();
+    let code = match config::load(&sources) {
         Err(e) => {
             eprintln!("sockvisor: {e}");
             exit::CONFIG
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
             println!("sockvisor {}", env!("CARGO_PKG_VERSION"));
             exit::OK
         }
-        Ok(Invocation::Run(config)) => supervisor::run(*config, passed, upstream),
+        Ok(Invocation::Run(config)) => supervisor::run(*config, sources, passed, upstream),
         Ok(Invocation::Status { control, json }) => {
             client(&control, control::Request::Status, json)
         }

@@ -38,9 +38,22 @@ fn describe(status: WaitStatus) -> String {
 }
 
 impl Supervisor {
-    /// Fork a worker into `slot`.
+    /// Fork a worker into `slot` as its current worker.
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) {
         self.slots[slot].restart_at = None;
+        if self.spawn_worker(slot, now, true).is_none() {
+            self.schedule_restart(slot, now, Duration::ZERO, true);
+        }
+    }
+
+    /// Fork a worker for `slot`. With `make_current`, it becomes the slot's worker at once;
+    /// otherwise (a reload) only once it is ready. `None` when fork or a channel failed.
+    pub(super) fn spawn_worker(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        make_current: bool,
+    ) -> Option<Pid> {
         let mut channels = Vec::with_capacity(self.listeners.len());
         for l in &self.listeners {
             if !l.dispatched() {
@@ -50,9 +63,8 @@ impl Supervisor {
             match Channel::new() {
                 Ok(c) => channels.push(Some(WorkerChannel::new(c, now))),
                 Err(e) => {
-                    log::error!("slot {slot}: cannot create a channel: {e}; retrying");
-                    self.schedule_restart(slot, now, Duration::ZERO, true);
-                    return;
+                    log::error!("slot {slot}: cannot create a channel: {e}");
+                    return None;
                 }
             }
         }
@@ -88,8 +100,7 @@ impl Supervisor {
             Ok(pid) => pid,
             Err(e) => {
                 log::error!("slot {slot}: fork failed: {e}");
-                self.schedule_restart(slot, now, Duration::ZERO, true);
-                return;
+                return None;
             }
         };
         drop(fds);
@@ -128,9 +139,12 @@ impl Supervisor {
             self.generation,
             if ready { "" } else { ", waiting for READY=1" }
         );
-        self.slots[slot].current = Some(pid);
+        if make_current {
+            self.slots[slot].current = Some(pid);
+        }
         self.workers.insert(pid.as_raw(), worker);
         self.fleet_changed();
+        Some(pid)
     }
 
     /// Collect every exited child.
@@ -277,6 +291,7 @@ impl Supervisor {
         self.reap(now);
         self.enforce_deadlines(now);
         self.restart_due(now);
+        self.advance_reload(now);
         self.check_wedged(now);
         self.flush_all_pending();
         self.resume_paused_listeners(now);
@@ -291,17 +306,35 @@ impl Supervisor {
                 self.stop(exit::OK, &format!("received {}", sig.as_str()))
             }
             Signal::SIGCHLD => {} // reaped right after
-            Signal::SIGTTIN => self.scale(self.slots.len() + 1, now),
-            Signal::SIGTTOU => self.scale(self.slots.len().saturating_sub(1).max(1), now),
-            Signal::SIGHUP => self.request_reload(now),
+            Signal::SIGTTIN | Signal::SIGTTOU => {
+                let n = if sig == Signal::SIGTTIN {
+                    self.slots.len() + 1
+                } else {
+                    self.slots.len().saturating_sub(1)
+                };
+                if let Err(e) = self.scale(n, now) {
+                    log::warn!("{} ignored: {e}", sig.as_str());
+                }
+            }
+            Signal::SIGHUP => {
+                if let Err(e) = self.reload(now, None) {
+                    log::warn!("reload (SIGHUP) refused: {e}");
+                }
+            }
             _ => {}
         }
     }
 
     /// Change the number of slots. Removed slots' workers are drained.
-    pub(super) fn scale(&mut self, workers: usize, now: Instant) {
-        if matches!(self.phase, Phase::Stopping { .. }) || workers == 0 {
-            return;
+    pub(super) fn scale(&mut self, workers: usize, now: Instant) -> Result<String, String> {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return Err("sockvisor is stopping".to_string());
+        }
+        if self.reload.is_some() {
+            return Err("a reload is in progress; scale after it".to_string());
+        }
+        if workers == 0 {
+            return Err("cannot scale to 0 workers (stop the service instead)".to_string());
         }
         let before = self.slots.len();
         if workers > before {
@@ -326,11 +359,7 @@ impl Supervisor {
         }
         self.config.workers = workers;
         self.fleet_changed();
-    }
-
-    /// SIGHUP: reload is its own issue; until then, say so.
-    fn request_reload(&mut self, _now: Instant) {
-        log::warn!("reload requested (SIGHUP), but reload is not implemented yet; ignoring");
+        Ok(format!("scaled from {before} to {workers} workers"))
     }
 
     fn enforce_deadlines(&mut self, now: Instant) {

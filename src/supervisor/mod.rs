@@ -11,14 +11,16 @@
 //! `manage` once per wake-up acts on what is due.
 
 mod backoff;
+mod commands;
 mod dispatching;
 mod fleet;
 mod health;
 mod lifecycle;
+mod reload;
 mod status;
 
 use crate::activation::{self, Listener};
-use crate::config::{Config, DispatchPolicy};
+use crate::config::{Config, DispatchPolicy, Sources};
 use crate::dispatch::Policy;
 use crate::spawn;
 use crate::systemd::Upstream;
@@ -93,6 +95,10 @@ impl ListenerState {
 
 pub struct Supervisor {
     config: Config,
+    /// Where the config came from, re-read on reload.
+    sources: Sources,
+    /// The reload in progress.
+    reload: Option<reload::Reload>,
     command: spawn::Command,
     listeners: Vec<ListenerState>,
     /// Live workers (not yet reaped), by pid.
@@ -163,6 +169,7 @@ fn notify_dir(config: &Config) -> std::io::Result<PathBuf> {
 impl Supervisor {
     pub fn new(
         config: Config,
+        sources: Sources,
         passed: Vec<(OwnedFd, String)>,
         upstream: Upstream,
     ) -> Result<Supervisor, StartError> {
@@ -230,6 +237,8 @@ impl Supervisor {
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
         Ok(Supervisor {
             config,
+            sources,
+            reload: None,
             command,
             listeners,
             workers: BTreeMap::new(),
@@ -356,8 +365,13 @@ impl Supervisor {
 }
 
 /// Run a fleet until it stops; returns the process exit code.
-pub fn run(config: Config, passed: Vec<(OwnedFd, String)>, upstream: Upstream) -> i32 {
-    match Supervisor::new(config, passed, upstream) {
+pub fn run(
+    config: Config,
+    sources: Sources,
+    passed: Vec<(OwnedFd, String)>,
+    upstream: Upstream,
+) -> i32 {
+    match Supervisor::new(config, sources, passed, upstream) {
         Ok(s) => s.run(),
         Err(e) => {
             log::error!("{}", e.message);

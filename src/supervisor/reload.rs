@@ -1,0 +1,298 @@
+//! Reload in generations (DESIGN.md section 6): re-read the config, start the new
+//! generation a few workers at a time (`reload_surge`), drain each old worker only once its
+//! replacement is ready, and roll back if the new generation does not get ready.
+//!
+//! Protocol rule: `RELOADING=1` (+ `MONOTONIC_USEC`) goes upstream when a reload starts,
+//! and `READY=1` when it ends, successfully or not, so that `systemctl reload` returns at
+//! the right moment with `Type=notify-reload` (systemd 253+) as with `ExecReload=`.
+
+use super::{Phase, Supervisor};
+use crate::config::{self, Config, Invocation};
+use crate::spawn;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+/// A control client waiting for the outcome of a reload.
+pub(super) type Waiter = u64;
+
+pub(super) struct Reload {
+    /// The generation being started.
+    generation: u64,
+    /// What to go back to if it fails.
+    old_config: Config,
+    old_command: spawn::Command,
+    old_generation: u64,
+    /// Slots whose worker is still to be replaced, in order.
+    to_replace: VecDeque<usize>,
+    /// New workers started and not ready yet, by slot.
+    starting: BTreeMap<usize, Pid>,
+    deadline: Instant,
+    started: Instant,
+    pub(super) waiters: Vec<Waiter>,
+}
+
+/// The listeners a config asks for, in a form that compares.
+fn listener_plan(c: &Config) -> Vec<(String, Option<String>, &'static str)> {
+    c.listeners
+        .iter()
+        .map(|l| {
+            (
+                l.name.clone(),
+                l.addr.as_ref().map(|a| a.to_string()),
+                l.policy.name(),
+            )
+        })
+        .collect()
+}
+
+impl Supervisor {
+    /// Start a reload (SIGHUP or `sockvisor reload`). An error means it was refused and the
+    /// running fleet is untouched.
+    pub(super) fn reload(&mut self, now: Instant, waiter: Option<Waiter>) -> Result<(), String> {
+        if let Some(r) = self.reload.as_mut() {
+            // One reload at a time; a second request waits for the running one.
+            r.waiters.extend(waiter);
+            log::info!(
+                "reload requested while generation {} is starting; waiting for it",
+                r.generation
+            );
+            return Ok(());
+        }
+        if let Phase::Stopping { .. } = self.phase {
+            return Err("sockvisor is stopping".to_string());
+        }
+        self.upstream
+            .reloading("reloading: reading the configuration");
+        let result = self.start_reload(now);
+        match result {
+            Ok(()) => {
+                self.reload
+                    .as_mut()
+                    .expect("reload started")
+                    .waiters
+                    .extend(waiter);
+                Ok(())
+            }
+            Err(e) => {
+                let status = format!("reload refused: {e}; {}", self.summary());
+                log::error!("reload refused: {e}");
+                self.upstream.ready(&status);
+                self.status.sent(status, now);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_reload(&mut self, now: Instant) -> Result<(), String> {
+        let new = match config::load(&self.sources) {
+            Ok(Invocation::Run(c)) => *c,
+            Ok(_) => return Err("the command line no longer runs a fleet".to_string()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if listener_plan(&new) != listener_plan(&self.config) {
+            let why = if self.listeners.iter().any(|l| l.listener.from_systemd) {
+                "listeners come from systemd and cannot change without a restart (systemctl restart)"
+            } else {
+                "listeners cannot change on reload; restart sockvisor to apply them"
+            };
+            return Err(format!("the listeners changed: {why}"));
+        }
+        let command = spawn::Command::new(&new.command, new.user.as_deref(), new.group.as_deref())
+            .map_err(|e| format!("command: {e}"))?;
+        let old_generation = self.generation;
+        self.generation += 1;
+        let workers = new.workers;
+        let reload = Reload {
+            generation: self.generation,
+            old_config: std::mem::replace(&mut self.config, new),
+            old_command: std::mem::replace(&mut self.command, command),
+            old_generation,
+            to_replace: (0..workers).collect(),
+            starting: BTreeMap::new(),
+            deadline: now + self.config.reload_timeout,
+            started: now,
+            waiters: Vec::new(),
+        };
+        if workers > self.slots.len() {
+            self.slots.resize_with(workers, Default::default);
+        }
+        log::info!(
+            "reload: starting generation {} ({} workers, surge {})",
+            reload.generation,
+            workers,
+            self.config.reload_surge.max(1)
+        );
+        self.reload = Some(reload);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Move the running reload forward: switch slots whose new worker is ready, start more
+    /// new workers within the surge, finish or roll back.
+    pub(super) fn advance_reload(&mut self, now: Instant) {
+        let Some(mut r) = self.reload.take() else {
+            return;
+        };
+        if let Phase::Stopping { .. } = self.phase {
+            self.answer_waiters(&r.waiters, Err("sockvisor is stopping".to_string()));
+            return;
+        }
+        let mut failure = None;
+        for (slot, pid) in std::mem::take(&mut r.starting) {
+            match self.workers.get(&pid.as_raw()) {
+                None => {
+                    failure = Some(format!(
+                        "the new worker for slot {slot} exited before it was ready"
+                    ))
+                }
+                Some(w) if w.dispatchable() => self.switch_slot(slot, pid, r.generation, now),
+                Some(_) => {
+                    r.starting.insert(slot, pid);
+                }
+            }
+        }
+        if failure.is_none() && now >= r.deadline {
+            failure = Some(format!(
+                "generation {} was not ready within the reload timeout ({}s)",
+                r.generation,
+                self.config.reload_timeout.as_secs()
+            ));
+        }
+        if let Some(why) = failure {
+            self.roll_back(r, &why, now);
+            return;
+        }
+        let surge = self.config.reload_surge.max(1);
+        while r.starting.len() < surge {
+            let Some(slot) = r.to_replace.pop_front() else {
+                break;
+            };
+            match self.spawn_worker(slot, now, false) {
+                Some(pid) => {
+                    r.starting.insert(slot, pid);
+                }
+                None => {
+                    self.roll_back(r, "could not start a new worker", now);
+                    return;
+                }
+            }
+        }
+        if r.starting.is_empty() && r.to_replace.is_empty() {
+            self.finish_reload(r, now);
+        } else {
+            self.reload = Some(r);
+        }
+    }
+
+    /// `pid` (new generation) is ready: it becomes the slot's worker; the old one drains.
+    fn switch_slot(&mut self, slot: usize, pid: Pid, generation: u64, now: Instant) {
+        let old = self.slots[slot].current.replace(pid);
+        self.slots[slot].restart_at = None;
+        if let Some(old) = old.filter(|&o| o != pid) {
+            if let Some(w) = self.workers.get_mut(&old.as_raw()) {
+                w.retired = true;
+            }
+            self.murder(
+                old,
+                Signal::SIGTERM,
+                &format!("replaced by generation {generation}"),
+                false,
+                now,
+            );
+        }
+    }
+
+    fn finish_reload(&mut self, r: Reload, now: Instant) {
+        let workers = self.config.workers;
+        if self.slots.len() > workers {
+            let extra: Vec<_> = self
+                .slots
+                .drain(workers..)
+                .filter_map(|s| s.current)
+                .collect();
+            for pid in extra {
+                if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
+                    w.retired = true;
+                }
+                self.murder(
+                    pid,
+                    Signal::SIGTERM,
+                    "not in the new configuration",
+                    false,
+                    now,
+                );
+            }
+        }
+        let took = now.saturating_duration_since(r.started).as_secs_f64();
+        let message = format!("reloaded: generation {} serving ({took:.1}s)", r.generation);
+        log::info!("{message}");
+        let status = format!("{}; {}", message, self.summary());
+        self.upstream.ready(&status);
+        self.status.sent(status, now);
+        self.answer_waiters(&r.waiters, Ok(message));
+        self.fleet_changed();
+    }
+
+    /// The new generation failed: stop its workers and go back to the old configuration.
+    /// Slots already switched get an old-generation worker again.
+    fn roll_back(&mut self, r: Reload, why: &str, now: Instant) {
+        log::error!(
+            "reload failed: {why}; rolling back to generation {}",
+            r.old_generation
+        );
+        for (_, pid) in &r.starting {
+            if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
+                w.retired = true;
+            }
+            self.murder(
+                *pid,
+                Signal::SIGTERM,
+                "its generation is rolled back",
+                false,
+                now,
+            );
+        }
+        self.config = r.old_config;
+        self.command = r.old_command;
+        self.generation = r.old_generation;
+        let old_count = self.config.workers;
+        let switched: Vec<(usize, Pid)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.current.map(|p| (i, p)))
+            .filter(|(_, p)| {
+                self.workers
+                    .get(&p.as_raw())
+                    .is_some_and(|w| w.generation == r.generation)
+            })
+            .collect();
+        for (slot, pid) in switched {
+            if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
+                w.retired = true;
+            }
+            self.murder(
+                pid,
+                Signal::SIGTERM,
+                "its generation is rolled back",
+                false,
+                now,
+            );
+            self.slots[slot].current = None;
+            if slot < old_count {
+                self.spawn(slot, now);
+            }
+        }
+        if self.slots.len() > old_count {
+            self.slots.truncate(old_count);
+        }
+        let message = format!("reload failed: {why}; generation {} kept", r.old_generation);
+        let status = format!("{message}; {}", self.summary());
+        self.upstream.ready(&status);
+        self.status.sent(status, now);
+        self.answer_waiters(&r.waiters, Err(message));
+        self.fleet_changed();
+    }
+}
