@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The full test suite (the README's test command): formatting, lints, unit and integration
+# tests against the real binary, fuzz smoke runs. Tests that need root or a real systemd
+# skip with a message unless SOCKVISOR_SYSTEMD_TESTS=1 (CI), where they must run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets 2>&1 | tee target/test-output.log
+cargo test --doc
