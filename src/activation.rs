@@ -70,6 +70,7 @@ impl std::error::Error for ActivationError {}
 
 /// The fds systemd passed, with their names, taken out of the environment (`LISTEN_*` are
 /// unset in every case). Call first thing in `main`, before any thread exists.
+/// Its warnings go through `log`: initialise logging before (env_logger starts no thread).
 ///
 /// Not socket-activated (no `LISTEN_FDS`, or `LISTEN_PID` missing or someone else's): empty.
 /// Names that do not fit the fds (a broken `LISTEN_FDNAMES`) are logged and the fds named
