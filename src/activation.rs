@@ -711,4 +711,70 @@ mod tests {
         assert_eq!(ls[1].policy, DispatchPolicy::Shared);
         assert!(ls[0].address.starts_with("127.0.0.1:"));
     }
+
+    /// Runs only as the child of `take_from_env_in_a_child`: takes the fds and prints them.
+    #[test]
+    fn child_take_from_env() {
+        if std::env::var_os("SOCKVISOR_TEST_TAKE_CHILD").is_none() {
+            return;
+        }
+        let fds = take_from_env();
+        for (fd, name) in &fds {
+            let kind = classify(fd.as_fd()).map(|k| format!("{:?}", k.0));
+            println!(
+                "FD {} {name} {}",
+                fd.as_raw_fd(),
+                kind.unwrap_or_else(|e| e)
+            );
+        }
+        for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            if std::env::var_os(v).is_some() {
+                println!("STILL SET {v}");
+            }
+        }
+        println!("COUNT {}", fds.len());
+    }
+
+    /// `take_from_env` in a fresh process whose fd 3 is a listening socket: `sh` puts the
+    /// socket given as stdin at fd 3 and sets LISTEN_PID to its own pid before exec.
+    #[test]
+    fn take_from_env_in_a_child() {
+        let exe = std::env::current_exe().unwrap();
+        let run = |vars: &str| {
+            let listener = tcp_fd();
+            let out = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!(
+                    "exec 3<&0 0</dev/null; {vars} exec \"$0\" --exact activation::tests::child_take_from_env --nocapture --test-threads=1"
+                ))
+                .arg(&exe)
+                .env("SOCKVISOR_TEST_TAKE_CHILD", "1")
+                .env_remove("LISTEN_PID")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_FDNAMES")
+                .stdin(std::process::Stdio::from(listener))
+                .stderr(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(!text.contains("STILL SET"), "{text}");
+            text
+        };
+        let t = run("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web");
+        assert!(
+            t.contains("FD 3 web TcpListener") && t.contains("COUNT 1"),
+            "{t}"
+        );
+        let t = run("LISTEN_PID=$$ LISTEN_FDS=1");
+        assert!(t.contains("FD 3 unknown TcpListener"), "{t}");
+        // Stale names without our LISTEN_PID: not socket-activated.
+        let t = run("LISTEN_FDS=1 LISTEN_FDNAMES=web");
+        assert!(t.contains("COUNT 0"), "{t}");
+        let t = run("LISTEN_PID=1 LISTEN_FDS=1 LISTEN_FDNAMES=web");
+        assert!(t.contains("COUNT 0"), "{t}");
+        // Names that do not fit: the fds are kept, named "unknown".
+        let t = run("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=a:b");
+        assert!(t.contains("FD 3 unknown TcpListener"), "{t}");
+    }
 }
