@@ -441,7 +441,7 @@ fn split_command(s: &str) -> Result<Vec<String>, VErr> {
     }
 }
 
-const LISTEN_FORMS: &str = "accepted forms: [NAME=]tcp://HOST:PORT, [NAME=]udp://HOST:PORT, [NAME=]unix:/ABSOLUTE/PATH; e.g. web=tcp://127.0.0.1:8000, tcp://[::1]:8000, tcp://:8000 (all interfaces), dns=udp://0.0.0.0:53, unix:/run/app.sock";
+const LISTEN_FORMS: &str = "accepted forms: NAME (provided by systemd), [NAME=]tcp://HOST:PORT, [NAME=]udp://HOST:PORT, [NAME=]unix:/ABSOLUTE/PATH; e.g. web=tcp://127.0.0.1:8000, tcp://[::1]:8000, tcp://:8000 (all interfaces), dns=udp://0.0.0.0:53, unix:/run/app.sock";
 
 /// Check a listener name: it becomes a `LISTEN_FDNAMES` entry and must match a systemd
 /// `FileDescriptorName=`: 1-255 printable ASCII characters, no `:`.
@@ -1229,11 +1229,19 @@ fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
                 cli.config = Some(PathBuf::from(value));
             }
             Some("listen") => {
-                let (name, addr) =
-                    parse_listen(&value).map_err(|m| usage("--listen", m, LISTEN_FORMS))?;
+                // A bare NAME is a listener that only systemd provides (its type comes
+                // from the fd): `--listen web` under a socket unit.
+                let bare = check_listener_name(value.trim()).is_ok();
+                let (name, addr) = if bare {
+                    (Some(value.trim().to_string()), None)
+                } else {
+                    let (n, a) =
+                        parse_listen(&value).map_err(|m| usage("--listen", m, LISTEN_FORMS))?;
+                    (n, Some(a))
+                };
                 listen.push(RawListener {
                     name,
-                    addr: Some(addr),
+                    addr,
                     policy: None,
                     at: Origin::Cli("--listen".into()),
                 });

@@ -13,9 +13,9 @@ fn main() -> ExitCode {
         eprintln!("sockvisor: cannot block signals: {e}");
         return ExitCode::from(exit::INTERNAL as u8);
     }
+    logging::init();
     let passed = activation::take_from_env();
     let upstream = systemd::Upstream::from_env();
-    logging::init();
     let sources = Sources::from_process();
     let code = match config::load(&sources) {
         Err(e) => {

@@ -180,7 +180,7 @@ impl Supervisor {
         )
         .map_err(|e| config_error(format!("command: {e}")))?;
         let listeners =
-            activation::listeners(passed, &config.listeners, DispatchPolicy::RoundRobin)
+            activation::listeners(passed, &config.listeners, config.dispatch)
                 .map_err(|e| config_error(e.to_string()))?;
         raise_fd_limit();
         let dir = notify_dir(&config)
