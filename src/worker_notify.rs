@@ -75,26 +75,14 @@ pub fn parse(datagram: &[u8]) -> Notification {
                 b"trigger" => n.watchdog_trigger = true,
                 _ => {}
             },
-            b"STATUS" => {
-                if n.status.is_none() {
-                    n.status = Some(clean_status(value));
-                }
+            b"STATUS" if n.status.is_none() => n.status = Some(clean_status(value)),
+            b"WATCHDOG_USEC" if n.watchdog_usec.is_none() => {
+                n.watchdog_usec = parse_num::<u64>(value)
             }
-            b"WATCHDOG_USEC" => {
-                if n.watchdog_usec.is_none() {
-                    n.watchdog_usec = parse_num::<u64>(value);
-                }
+            b"EXTEND_TIMEOUT_USEC" if n.extend_timeout_usec.is_none() => {
+                n.extend_timeout_usec = parse_num::<u64>(value)
             }
-            b"EXTEND_TIMEOUT_USEC" => {
-                if n.extend_timeout_usec.is_none() {
-                    n.extend_timeout_usec = parse_num::<u64>(value);
-                }
-            }
-            b"ERRNO" => {
-                if n.errno.is_none() {
-                    n.errno = parse_num::<i32>(value).filter(|e| *e >= 0);
-                }
-            }
+            b"ERRNO" if n.errno.is_none() => n.errno = parse_num::<i32>(value).filter(|e| *e >= 0),
             _ => {}
         }
     }
