@@ -190,6 +190,8 @@ pub struct ControlServer {
     next_id: u64,
     euid: u32,
     gone: Vec<ClientId>,
+    /// An fd held in reserve to accept (and refuse) a connection when out of fds.
+    spare: Option<OwnedFd>,
 }
 
 impl ControlServer {
@@ -277,6 +279,7 @@ impl ControlServer {
             next_id: 1,
             euid,
             gone: Vec::new(),
+            spare: open_spare(),
         })
     }
 
@@ -344,6 +347,22 @@ impl ControlServer {
                 Ok(fd) => fd,
                 Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
                 Err(Errno::EAGAIN) => break,
+                Err(e @ (Errno::EMFILE | Errno::ENFILE)) if self.spare.is_some() => {
+                    // Out of fds: the pending connection would keep the listener readable
+                    // and spin the loop. Free the spare fd, take the connection, tell it why,
+                    // close it, and take the spare back.
+                    log::warn!("control socket {}: accept: {e}", self.path.display());
+                    self.spare = None;
+                    if let Ok(raw) =
+                        socket::accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+                    {
+                        // SAFETY: accept4 just returned this fd; nothing else owns it.
+                        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                        refuse(&fd, &format!("sockvisor is out of file descriptors ({e})"));
+                    }
+                    self.spare = open_spare();
+                    continue;
+                }
                 Err(e) => {
                     log::warn!("control socket {}: accept: {e}", self.path.display());
                     break;
@@ -666,6 +685,10 @@ fn parse_request(line: &[u8]) -> Result<Request, String> {
     })
 }
 
+fn open_spare() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
+}
+
 /// Best effort: one error line to a client we are about to close.
 fn refuse(fd: &OwnedFd, error: &str) {
     if let Ok(mut line) = serde_json::to_vec(&Reply::error(error)) {
@@ -836,7 +859,20 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
     stream
         .set_write_timeout(Some(remaining()?))
         .map_err(io_err)?;
-    stream.write_all(&line).map_err(io_err)?;
+    // A server that refuses us (peer credentials) writes its error and closes, maybe before
+    // our write: read its reply anyway.
+    let write_error = match stream.write_all(&line) {
+        Ok(()) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Some(e)
+        }
+        Err(e) => return Err(io_err(e)),
+    };
     let mut reply = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -846,9 +882,12 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
         let n = match stream.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(e)),
+            Err(e) => return Err(io_err(write_error.unwrap_or(e))),
         };
         if n == 0 {
+            if let (true, Some(e)) = (reply.is_empty(), write_error) {
+                return Err(io_err(e));
+            }
             if reply.is_empty() {
                 return Err(ClientError::Protocol {
                     path: p(),
@@ -1291,7 +1330,8 @@ mod tests {
             s=socket.socket(socket.AF_UNIX)\n\
             try:\n s.connect(sys.argv[1])\n\
             except PermissionError:\n print('EACCES'); sys.exit(0)\n\
-            s.sendall(b'{\"cmd\":\"status\"}\\n')\n\
+            try:\n s.sendall(b'{\"cmd\":\"status\"}\\n')\n\
+            except OSError:\n pass\n\
             print(s.makefile().readline().strip())\n";
         let run = || {
             std::process::Command::new(python)

@@ -12,7 +12,7 @@
 //!
 //! `NOTIFY_SOCKET` stays in sockvisor's own environment; `spawn` keeps it out of workers'.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -60,38 +60,42 @@ impl Upstream {
 
     /// An upstream that sends to the datagram socket at `path` (tests, and `from_env`).
     pub fn to_socket(path: PathBuf, watchdog: Option<Duration>) -> Upstream {
-        let mut value = OsString::from(path);
-        if value.as_bytes().starts_with(b"@") {
-            // A relative path that starts with '@' is not an abstract address.
-            value = OsString::from(format!("./{}", value.to_string_lossy()));
+        let name = path.display().to_string();
+        match UnixAddr::new(&path) {
+            Ok(addr) => Upstream::with_addr(addr, name, watchdog),
+            Err(e) => Upstream::refuse(format!("NOTIFY_SOCKET={name}: {e}"), watchdog),
         }
-        Upstream::to_address(&value, watchdog)
     }
 
-    /// An upstream for a `NOTIFY_SOCKET` value: a path, or `@name` for an abstract socket.
+    /// An upstream for a `NOTIFY_SOCKET` value: an absolute path, or `@name` for an abstract
+    /// socket. Anything else (`vsock:...`) is unsupported: a warning, and nothing is sent.
     pub fn to_address(value: &OsStr, watchdog: Option<Duration>) -> Upstream {
-        let disabled = |why: String| {
-            log::warn!("not notifying systemd: {why}");
-            Upstream {
-                watchdog,
-                ..Upstream::disabled()
-            }
-        };
         let bytes = value.as_bytes();
-        let addr = if let Some(name) = bytes.strip_prefix(b"@") {
-            UnixAddr::new_abstract(name)
-        } else if bytes.starts_with(b"/") || bytes.starts_with(b".") {
-            UnixAddr::new(value)
+        let name = value.to_string_lossy().into_owned();
+        if let Some(abs) = bytes.strip_prefix(b"@") {
+            match UnixAddr::new_abstract(abs) {
+                Ok(addr) => Upstream::with_addr(addr, name, watchdog),
+                Err(e) => Upstream::refuse(format!("NOTIFY_SOCKET={name}: {e}"), watchdog),
+            }
+        } else if bytes.starts_with(b"/") {
+            Upstream::to_socket(PathBuf::from(value), watchdog)
         } else {
-            return disabled(format!(
-                "NOTIFY_SOCKET={} is not a unix socket path or @name (unsupported)",
-                value.to_string_lossy()
-            ));
-        };
-        let addr = match addr {
-            Ok(a) => a,
-            Err(e) => return disabled(format!("NOTIFY_SOCKET={}: {e}", value.to_string_lossy())),
-        };
+            Upstream::refuse(
+                format!("NOTIFY_SOCKET={name} is not an absolute path or @name (unsupported)"),
+                watchdog,
+            )
+        }
+    }
+
+    fn refuse(why: String, watchdog: Option<Duration>) -> Upstream {
+        log::warn!("not notifying systemd: {why}");
+        Upstream {
+            watchdog,
+            ..Upstream::disabled()
+        }
+    }
+
+    fn with_addr(addr: UnixAddr, name: String, watchdog: Option<Duration>) -> Upstream {
         let sock = match socket::socket(
             AddressFamily::Unix,
             SockType::Datagram,
@@ -99,13 +103,13 @@ impl Upstream {
             None,
         ) {
             Ok(s) => s,
-            Err(e) => return disabled(format!("cannot create a socket: {e}")),
+            Err(e) => return Upstream::refuse(format!("cannot create a socket: {e}"), watchdog),
         };
         let tv = TimeVal::new(SEND_TIMEOUT.as_secs() as _, 0);
         let _ = socket::setsockopt(&sock, sockopt::SendTimeout, &tv);
         Upstream {
             watchdog,
-            target: Some((addr, value.to_string_lossy().into_owned())),
+            target: Some((addr, name)),
             sock: Some(sock),
             failed_once: AtomicBool::new(false),
         }
@@ -319,5 +323,15 @@ mod tests {
         let odd = Upstream::to_address(OsStr::new("vsock:2:1234"), None);
         assert!(!odd.is_enabled());
         odd.ready("x");
+        let relative = Upstream::to_address(OsStr::new("notify.sock"), None);
+        assert!(!relative.is_enabled());
+
+        // A relative path given to to_socket is a path, even one starting with '@'.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("@odd");
+        let rx = UnixDatagram::bind(&p).unwrap();
+        let up = Upstream::to_socket(p, None);
+        up.watchdog();
+        assert_eq!(recv(&rx), "WATCHDOG=1\n");
     }
 }
