@@ -166,7 +166,15 @@ impl NotifyServer {
         socket::setsockopt(&sock, sockopt::PassCred, &true)?;
         // Best effort: room for bursts of notifications from many workers.
         let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(1 << 20));
-        let addr = UnixAddr::new(&path)?;
+        let addr = UnixAddr::new(&path).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!(
+                    "cannot use {} as the workers' notify socket: {e} (at most 107 bytes)",
+                    path.display()
+                ),
+            )
+        })?;
         socket::bind(sock.as_raw_fd(), &addr)?;
         let mode = match worker_gid {
             Some(gid) => {
@@ -688,6 +696,59 @@ mod tests {
         let s = NotifyServer::bind(&d, Some(gid)).unwrap();
         let m = std::fs::symlink_metadata(s.path()).unwrap();
         assert_eq!((m.mode() & 0o777, m.gid()), (0o620, gid));
+    }
+
+    #[test]
+    fn worker_of_another_user_can_send() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to send as uid 65534");
+            return;
+        }
+        let python = Path::new("/usr/bin/python3");
+        if !python.exists() {
+            eprintln!("skipped: /usr/bin/python3 not found");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        let t = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let d = t.path().join("workers");
+        private_dir(&d, Some(65534)).unwrap();
+        let s = NotifyServer::bind(&d, Some(65534)).unwrap();
+        let send = |gid: u32| {
+            std::process::Command::new(python)
+                .args([
+                    "-c",
+                    "import socket,sys\n\
+                     s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+                     try:\n s.sendto(b'READY=1\\nSTATUS=nobody',sys.argv[1]); print('sent')\n\
+                     except PermissionError: print('EACCES')\n",
+                ])
+                .arg(s.path())
+                .uid(65534)
+                .gid(gid)
+                .output()
+                .unwrap()
+        };
+        // In the group: allowed, and attributed to the sender's pid.
+        let out = send(65534);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "sent",
+            "{out:?}"
+        );
+        let r = recv_one(&s);
+        assert!(r.notification.ready);
+        assert_eq!(r.notification.status.as_deref(), Some("nobody"));
+        assert!(r.pid.is_some_and(|p| p != std::process::id() as i32));
+        // Not in the group: the directory (0710) keeps it out.
+        let out = send(12345);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "EACCES",
+            "{out:?}"
+        );
+        assert!(s.recv().unwrap().is_none());
     }
 
     #[test]
