@@ -323,7 +323,10 @@ impl ControlServer {
             }
             let id = ClientId(token);
             let flags = ev.events();
-            if flags.contains(EpollFlags::EPOLLOUT) {
+            // On a hangup, try the write too: a client waiting for buffered output that went
+            // away is dropped (EPIPE) instead of staying readable forever.
+            if flags.intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+            {
                 self.flush(id);
             }
             if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
@@ -1226,6 +1229,36 @@ mod tests {
         assert_eq!(s, "{\"ok\":true,\"message\":\"done\"}\n");
         // Replying to a gone client is a no-op.
         assert!(!server.reply(id, &Reply::ok(None)));
+    }
+
+    #[test]
+    fn slow_reader_is_buffered_then_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let mut server = ControlServer::bind(&path).unwrap();
+        let c = UnixStream::connect(&path).unwrap();
+        let id = server.accept()[0];
+        let big = Reply::ok(Some("x".repeat(1 << 20)));
+        assert!(server.reply(id, &big));
+        assert!(server.wants_write(id), "1 MiB does not fit a socket buffer");
+        // The client reads: the server's poll flushes the rest.
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            io::BufReader::new(&c).read_line(&mut line).unwrap();
+            (line.len(), c)
+        });
+        serve(&mut server, |s| !s.wants_write(id), answer);
+        let (len, c) = reader.join().unwrap();
+        assert_eq!(len, (1 << 20) + r#"{"ok":true,"message":""}"#.len() + 1);
+        // A client that never reads is dropped once too much is waiting for it.
+        let mut delivered = 0;
+        while server.reply(id, &big) {
+            delivered += 1;
+            assert!(delivered < 10);
+        }
+        assert!(!server.contains(id));
+        assert_eq!(server.take_gone(), vec![id]);
+        drop(c);
     }
 
     #[test]
