@@ -783,8 +783,3 @@ mod tests {
         assert!(!dir.exists());
     }
 }
-
-/// SKELETON stub.
-pub fn make_private_runtime_dir() -> std::io::Result<PathBuf> {
-    todo!()
-}
