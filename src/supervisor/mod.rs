@@ -33,7 +33,6 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// The signals sockvisor handles; blocked in `main` before anything else runs.
@@ -56,6 +55,7 @@ pub fn handled_signals() -> SigSet {
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_TIMER: u64 = 2;
 const TOKEN_NOTIFY: u64 = 3;
+const TOKEN_CONTROL: u64 = 4;
 const TOKEN_LISTENER: u64 = 1 << 16;
 const TOKEN_CHANNEL: u64 = 1 << 40;
 
@@ -109,6 +109,7 @@ pub struct Supervisor {
     generation: u64,
     phase: Phase,
     notify: NotifyServer,
+    control: Option<crate::control::ControlServer>,
     upstream: Upstream,
     epoll: Epoll,
     signals: SignalFd,
@@ -160,12 +161,6 @@ fn raise_fd_limit() {
     }
 }
 
-/// The private directory for the workers' notify socket.
-fn notify_dir(config: &Config) -> std::io::Result<PathBuf> {
-    let _ = config;
-    crate::worker_notify::make_private_runtime_dir()
-}
-
 impl Supervisor {
     pub fn new(
         config: Config,
@@ -179,15 +174,19 @@ impl Supervisor {
             config.group.as_deref(),
         )
         .map_err(|e| config_error(format!("command: {e}")))?;
-        let listeners =
-            activation::listeners(passed, &config.listeners, config.dispatch)
-                .map_err(|e| config_error(e.to_string()))?;
+        let listeners = activation::listeners(passed, &config.listeners, config.dispatch)
+            .map_err(|e| config_error(e.to_string()))?;
         raise_fd_limit();
-        let dir = notify_dir(&config)
-            .map_err(|e| internal("cannot create the workers' notify directory", e))?;
         let worker_gid = command.credentials().map(|c| c.gid);
-        let notify = NotifyServer::bind(&dir, worker_gid)
+        let notify = NotifyServer::bind_private(worker_gid)
             .map_err(|e| internal("cannot bind the workers' notify socket", e))?;
+        let control = match &config.control_socket {
+            None => None,
+            Some(path) => Some(
+                crate::control::ControlServer::bind(path)
+                    .map_err(|e| config_error(format!("control socket {}: {e}", path.display())))?,
+            ),
+        };
         let epoll =
             Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| internal("epoll", e))?;
         let signals = SignalFd::with_flags(
@@ -210,6 +209,11 @@ impl Supervisor {
         epoll
             .add(notify.as_fd(), ev(TOKEN_NOTIFY))
             .map_err(|e| internal("epoll", e))?;
+        if let Some(c) = &control {
+            epoll
+                .add(c.as_fd(), ev(TOKEN_CONTROL))
+                .map_err(|e| internal("epoll", e))?;
+        }
         let listeners: Vec<ListenerState> = listeners
             .into_iter()
             .map(|listener| ListenerState {
@@ -247,6 +251,7 @@ impl Supervisor {
             generation: 1,
             phase: Phase::Starting,
             notify,
+            control,
             upstream,
             epoll,
             signals,
@@ -315,6 +320,7 @@ impl Supervisor {
                 self.dirty = true;
             }
             TOKEN_NOTIFY => self.read_notifications(),
+            TOKEN_CONTROL => self.serve_control(),
             t if t >= TOKEN_CHANNEL => {
                 let pid = ((t & !TOKEN_CHANNEL) >> 8) as i32;
                 let listener = (t & 0xff) as usize;
