@@ -164,6 +164,8 @@ pub struct Config {
     /// How long a new generation has to become ready before it is rolled back.
     pub reload_timeout: Duration,
     pub control_socket: Option<PathBuf>,
+    /// `control_socket` was given (not derived): failing to bind it is an error.
+    pub control_socket_explicit: bool,
     pub runtime_dir: Option<PathBuf>,
 }
 
@@ -1532,6 +1534,7 @@ fn resolve(layer: Layer, file: Option<PathBuf>, control: PathBuf) -> Result<Conf
         reload_surge: layer.reload_surge.map(|a| a.v).unwrap_or(1),
         reload_timeout: layer.reload_timeout.map(|a| a.v).unwrap_or(secs(60)),
         control_socket: Some(control),
+        control_socket_explicit: layer.control_socket.is_some(),
         runtime_dir: layer.runtime_dir.map(|a| a.v),
     })
 }

@@ -328,9 +328,19 @@ unsafe fn exec_child(
 
     // Signals: default dispositions (Rust ignores SIGPIPE; ignored signals survive exec) and
     // an empty mask (sockvisor blocks the signals it reads from its signalfd).
-    for sig in 1..libc::SIGRTMAX() {
+    // The raw syscall, because glibc's signal() refuses its reserved real-time signals
+    // (32, 33), which can arrive ignored from whoever started sockvisor. The kernel's
+    // struct sigaction is {handler, flags, restorer, mask}; all zero is SIG_DFL.
+    let default_action = [0u64; 4];
+    for sig in 1..=64 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default_action.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
         }
     }
     let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -144,8 +144,10 @@ impl Upstream {
     pub fn ready(&self, status: &str) {
         self.send(&[NotifyState::Ready], Some(status));
     }
+    /// A status refresh: dropped rather than waited for when systemd's queue is full (the
+    /// next refresh carries the same news).
     pub fn status(&self, status: &str) {
-        self.send(&[], Some(status));
+        self.send_with(&[], Some(status), MsgFlags::MSG_DONTWAIT);
     }
     /// `RELOADING=1` with `MONOTONIC_USEC` (required by `Type=notify-reload`).
     pub fn reloading(&self, status: &str) {
@@ -164,8 +166,9 @@ impl Upstream {
     pub fn stopping(&self, status: &str) {
         self.send(&[NotifyState::Stopping], Some(status));
     }
+    /// A ping: never worth stalling the loop for (the next one is half a timeout away).
     pub fn watchdog(&self) {
-        self.send(&[NotifyState::Watchdog], None);
+        self.send_with(&[NotifyState::Watchdog], None, MsgFlags::MSG_DONTWAIT);
     }
     /// `WATCHDOG=trigger`: ask systemd to act as if the watchdog had expired.
     pub fn watchdog_trigger(&self, status: &str) {
@@ -184,6 +187,10 @@ impl Upstream {
     /// One datagram: `states` then `STATUS=` (newlines in it become spaces, so it cannot add
     /// keys). Errors are logged once, at debug level, and never returned.
     fn send(&self, states: &[NotifyState], status: Option<&str>) {
+        self.send_with(states, status, MsgFlags::empty())
+    }
+
+    fn send_with(&self, states: &[NotifyState], status: Option<&str>, flags: MsgFlags) {
         let (Some((addr, name)), Some(sock)) = (&self.target, &self.sock) else {
             return;
         };
@@ -203,7 +210,7 @@ impl Upstream {
                 sock.as_raw_fd(),
                 &[IoSlice::new(msg.as_bytes())],
                 &[],
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | flags,
                 Some(addr),
             ) {
                 Err(nix::errno::Errno::EINTR) => continue,

@@ -12,6 +12,15 @@ use nix::unistd::Pid;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+/// `50ms`, `1.6s`.
+fn human(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
 /// How an exit reads in the log.
 fn describe(status: WaitStatus) -> String {
     match status {
@@ -223,10 +232,10 @@ impl Supervisor {
             .history
             .failed(&self.config.backoff, uptime);
         log::warn!(
-            "worker {slot} (pid {pid}) {} after {:.1}s; restarting in {:.1}s",
+            "worker {slot} (pid {pid}) {} after {:.1}s; restarting in {}",
             describe(status),
             uptime.as_secs_f64(),
-            delay.as_secs_f64()
+            human(delay)
         );
         self.schedule_restart(slot, now, delay, false);
     }

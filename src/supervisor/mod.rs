@@ -182,10 +182,22 @@ impl Supervisor {
             .map_err(|e| internal("cannot bind the workers' notify socket", e))?;
         let control = match &config.control_socket {
             None => None,
-            Some(path) => Some(
-                crate::control::ControlServer::bind(path)
-                    .map_err(|e| config_error(format!("control socket {}: {e}", path.display())))?,
-            ),
+            Some(path) => match crate::control::ControlServer::bind(path) {
+                Ok(c) => Some(c),
+                Err(e) if config.control_socket_explicit => {
+                    return Err(config_error(format!(
+                        "control socket {}: {e}",
+                        path.display()
+                    )))
+                }
+                Err(e) => {
+                    log::warn!(
+                        "no control socket (sockvisor status/reload/scale will not reach this fleet): {}: {e}",
+                        path.display()
+                    );
+                    None
+                }
+            },
         };
         let epoll =
             Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| internal("epoll", e))?;

@@ -59,11 +59,14 @@ pub fn free_port() -> u16 {
     panic!("no free port");
 }
 
-/// A unix datagram socket standing in for systemd's notify socket.
+/// A unix datagram socket standing in for systemd's notify socket. A thread drains it as
+/// systemd would (so sockvisor never finds it full) and keeps every datagram.
 pub struct NotifySocket {
     pub path: PathBuf,
-    sock: UnixDatagram,
     _dir: tempfile::TempDir,
+    received: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// A snapshot of what was received, refreshed by every `wait_for*`.
     pub seen: Vec<String>,
 }
 
@@ -72,69 +75,84 @@ impl NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let received =
+            std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, st) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let (lock, cv) = &*r;
+                    lock.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    cv.notify_all();
+                }
+            }
+        });
         NotifySocket {
             path,
-            sock,
             _dir: dir,
+            received,
+            stop,
             seen: Vec::new(),
         }
     }
 
-    /// Wait for a datagram containing `needle` (as a whole line), up to `timeout`. Every
-    /// datagram received is kept in `seen`.
-    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+    fn wait_from(&mut self, from: usize, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.received;
+        let mut all = lock.lock().unwrap();
         loop {
-            if let Some(m) = self
-                .seen
+            if let Some(m) = all[from.min(all.len())..]
                 .iter()
-                .find(|m| m.lines().any(|l| l == needle || l.starts_with(needle)))
+                .find(|m| m.lines().any(|l| l.starts_with(needle)))
             {
-                return Some(m.clone());
+                let m = m.clone();
+                self.seen = all.clone();
+                return Some(m);
             }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            self.sock
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let mut buf = vec![0u8; 65536];
-            match self.sock.recv(&mut buf) {
-                Ok(n) => self
-                    .seen
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(_) => return None,
-            }
+            let left = deadline.checked_duration_since(Instant::now());
+            let Some(left) = left else {
+                self.seen = all.clone();
+                return None;
+            };
+            all = cv.wait_timeout(all, left).unwrap().0;
         }
+    }
+
+    /// Wait for a datagram with a line starting with `needle`, up to `timeout`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_from(0, needle, timeout)
     }
 
     /// Like `wait_for`, but only datagrams that arrive from now on count.
     pub fn wait_for_new(&mut self, needle: &str, timeout: Duration) -> Option<String> {
-        let before = self.seen.len();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(m) = self.seen[before..]
-                .iter()
-                .find(|m| m.lines().any(|l| l.starts_with(needle)))
-            {
-                return Some(m.clone());
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            self.sock
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let mut buf = vec![0u8; 65536];
-            match self.sock.recv(&mut buf) {
-                Ok(n) => self
-                    .seen
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(_) => return None,
-            }
-        }
+        let from = self.received.0.lock().unwrap().len();
+        self.wait_from(from, needle, timeout)
+    }
+
+    /// Every datagram received so far.
+    pub fn all(&mut self) -> Vec<String> {
+        self.seen = self.received.0.lock().unwrap().clone();
+        self.seen.clone()
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 /// A running `sockvisor` (or any command) in its own process group.
 pub struct Fleet {
     pub child: Child,
+    /// The control socket this fleet was given (in its private temp dir).
+    pub control: PathBuf,
     pub log_path: PathBuf,
     _log_dir: tempfile::TempDir,
     status: Option<ExitStatus>,
@@ -192,6 +210,8 @@ impl FleetBuilder {
     pub fn start(mut self) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("stderr.log");
+        let control = dir.path().join("control.sock");
+        self.cmd.env("SOCKVISOR_CONTROL_SOCKET", &control);
         let log = std::fs::File::create(&log_path).unwrap();
         self.cmd
             .stdin(Stdio::null())
@@ -201,6 +221,7 @@ impl FleetBuilder {
         let child = self.cmd.spawn().expect("spawn");
         Fleet {
             child,
+            control,
             log_path,
             _log_dir: dir,
             status: None,
@@ -220,6 +241,20 @@ impl Fleet {
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait until the log contains `needle` (for programs whose only readiness signal is a
+    /// log line, like systemd-socket-activate's "Listening on").
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Wait for the process to exit, up to `timeout`.

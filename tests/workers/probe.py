@@ -73,6 +73,9 @@ def notify(msg):
 
 def answer(conn):
     try:
+        # Read the request first: closing with unread data would reset the connection.
+        conn.settimeout(5)
+        conn.recv(65536)
         conn.sendall(f"probe {wid} {pid}\n".encode())
     finally:
         conn.close()
