@@ -242,7 +242,7 @@ impl Supervisor {
             "reload failed: {why}; rolling back to generation {}",
             r.old_generation
         );
-        for (_, pid) in &r.starting {
+        for pid in r.starting.values() {
             if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
                 w.retired = true;
             }
