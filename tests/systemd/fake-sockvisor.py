@@ -41,6 +41,11 @@ def worker(wid):
                 except BlockingIOError:
                     continue
                 c.setblocking(True)
+                c.settimeout(2)
+                try:
+                    c.recv(4096)  # read the request: closing with unread data would send RST
+                except OSError:
+                    pass
                 body = "hello from worker %d (pid %d) uid %d fdnames %s\n" % (wid, os.getpid(), os.getuid(), ":".join(names))
                 c.sendall(("HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)).encode())
                 c.close()
