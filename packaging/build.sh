@@ -109,8 +109,7 @@ deb=dist/sockvisor_${version}-${debrev}_${arch}.deb
 rm -f dist/sockvisor_*.deb dist/sockvisor-*.rpm
 if [[ ${SOCKVISOR_DEB_TOOL:-dpkg-deb} == cargo-deb ]]; then
   command -v cargo-deb >/dev/null || { log "installing cargo-deb"; cargo install --locked cargo-deb; }
-  cp "$man" "$work/sockvisor.8"   # [package.metadata.deb] assets point into target/packaging
-  gzip -9n -c "$man" >"$work/sockvisor.8.gz"
+  gzip -9n -c "$man" >"$work/sockvisor.8.gz"   # [package.metadata.deb] assets point here
   cargo deb --no-build --deb-revision "$debrev" --output "$deb"
 else
   debroot=$work/deb
@@ -143,9 +142,7 @@ Description: systemd-native process supervisor for socket-activated worker fleet
  (never enabled or started by the package) and an example configuration.
 EOF
   (cd "$debroot" && find etc -type f -printf '/%p\n' | sort) >"$debroot/DEBIAN/conffiles"
-  for s in postinst postrm; do   # #DEBHELPER# is for cargo-deb; nothing to expand here
-    sed '/^#DEBHELPER#$/d' "packaging/debian/$s" >"$debroot/DEBIAN/$s"; chmod 755 "$debroot/DEBIAN/$s"
-  done
+  install -m 755 packaging/debian/postinst packaging/debian/postrm "$debroot/DEBIAN/"
   (cd "$debroot" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z |
      xargs -0 md5sum) >"$debroot/DEBIAN/md5sums"
   chmod 644 "$debroot/DEBIAN/control" "$debroot/DEBIAN/conffiles" "$debroot/DEBIAN/md5sums"
