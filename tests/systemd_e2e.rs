@@ -705,7 +705,7 @@ fn harness_self_test() {
     assert!(show["StatusText"].contains("rundir /run/myapp"), "{show:?}");
     let main: u32 = show["MainPID"].parse().expect("MainPID");
     assert_eq!(sb.children(main).len(), 2, "two forked workers");
-    sb.exec(&["test", "-e", "/run/myapp/control.sock"]);
+    sb.exec(&["test", "-S", "/run/myapp/control.sock"]);
 
     // the package: installed files, the template visible to systemd, nothing enabled
     sb.install_deb(&deb);
@@ -800,6 +800,18 @@ fn scenario_socket_activation() {
         f.sb.exec(&["cat", &format!("/proc/{main}/comm")]).trim(),
         "sockvisor"
     );
+    // the control socket in $RUNTIME_DIRECTORY, as `sockvisor status --json` sees it
+    f.sb.exec(&["test", "-S", "/run/myapp/control.sock"]);
+    let status = f.sb.exec(&[
+        "env",
+        "RUNTIME_DIRECTORY=/run/myapp",
+        "sockvisor",
+        "status",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&status)
+        .unwrap_or_else(|e| panic!("sockvisor status --json: {e}: {status:?}"));
+    assert_eq!(v["pid"].as_u64(), Some(u64::from(main)), "{status}");
     f.done("scenario_socket_activation");
 }
 
@@ -1073,4 +1085,51 @@ fn scenario_purge_keeps_user_sockets() {
     );
     assert!(retry_get(f.port, Duration::from_secs(5)).contains("hello from worker"));
     f.done("scenario_purge_keeps_user_sockets");
+}
+
+/// The packaged template: a user's own socket units with `Service=sockvisor@demo.service` and
+/// /etc/sockvisor/demo.toml; the control socket in /run/sockvisor/demo; `sockvisor scale`.
+#[test]
+fn scenario_template_instance() {
+    let _lock = serial();
+    if !gate("scenario_template_instance", &[]) {
+        return;
+    }
+    let (deb, hello) = (deb(), hello());
+    let sb = Sandbox::up("template");
+    sb.install_deb(&deb);
+    sb.push(&hello, "/usr/local/bin/hello");
+    let port = free_port();
+    sb.write("/etc/sockvisor/demo.toml", &sockvisor_config(port, 2, ""));
+    for (unit, listen, name) in [
+        ("demo-web.socket", "ListenStream", "web"),
+        ("demo-dns.socket", "ListenDatagram", "dns"),
+    ] {
+        sb.write(
+            &format!("/etc/systemd/system/{unit}"),
+            &format!(
+                "[Socket]\n{listen}=127.0.0.1:{port}\nFileDescriptorName={name}\n\
+                 Service=sockvisor@demo.service\n"
+            ),
+        );
+    }
+    sb.exec(&["systemctl", "daemon-reload"]);
+    sb.exec(&["systemctl", "start", "demo-web.socket", "demo-dns.socket"]);
+    assert!(retry_get(port, Duration::from_secs(20)).contains("hello from worker"));
+    assert_eq!(udp_echo(port, b"tmpl").expect("udp"), b"tmpl");
+    let unit = "sockvisor@demo.service";
+    assert_eq!(sb.prop(unit, "ActiveState"), "active");
+    sb.exec(&["test", "-S", "/run/sockvisor/demo/control.sock"]);
+    let ctl = ["env", "RUNTIME_DIRECTORY=/run/sockvisor/demo", "sockvisor"];
+    sb.exec(&[&ctl[..], &["scale", "3"]].concat());
+    let main: u32 = sb.prop(unit, "MainPID").parse().unwrap_or(0);
+    wait_until(
+        "3 workers after `sockvisor scale 3`",
+        Duration::from_secs(20),
+        || sb.children(main).len() == 3,
+    );
+    let status = sb.exec(&[&ctl[..], &["status"]].concat());
+    assert!(!status.trim().is_empty());
+    sb.exec(&["systemctl", "stop", unit]);
+    sb.exec(&["test", "!", "-e", "/run/sockvisor/demo"]);
 }

@@ -73,7 +73,10 @@ def term(*_):
     sys.exit(0)
 
 signal.signal(signal.SIGTERM, term)
-open(os.path.join(rundir, "control.sock"), "w").close() if rundir else None
+if rundir:  # a listening unix socket where sockvisor's control socket would be
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.bind(os.path.join(rundir, "control.sock"))
+    ctl.listen(1)
 notify("READY=1\nSTATUS=fake sockvisor: %d workers, fds %s, rundir %s" % (workers, ":".join(names), rundir))
 while True:
     notify("WATCHDOG=1")
