@@ -49,6 +49,7 @@ struct Conn {
 /// The four possible replies, built once.
 struct Replies {
     hello: String,
+    echo_prefix: Vec<u8>,    // "worker <id> (pid <pid>): "
     responses: [Vec<u8>; 4], // [hello keep-alive, hello close, pid keep-alive, pid close]
 }
 
@@ -57,6 +58,7 @@ impl Replies {
         let id = worker::worker_id().map_or("-".to_owned(), |i| i.to_string());
         let pid = std::process::id();
         let hello = format!("hello from worker {id} (pid {pid})\n");
+        let echo_prefix = format!("worker {id} (pid {pid}): ").into_bytes();
         let pidb = format!("{pid}\n");
         let resp = |b: &str, close: bool| {
             let conn = if close { "close" } else { "keep-alive" };
@@ -68,7 +70,11 @@ impl Replies {
             resp(&pidb, false),
             resp(&pidb, true),
         ];
-        Replies { hello, responses }
+        Replies {
+            hello,
+            echo_prefix,
+            responses,
+        }
     }
 }
 
@@ -365,36 +371,28 @@ impl Server {
         }
     }
 
+    /// Echo datagrams, prefixed, without allocating: the prefix sits in front of the data.
     fn echo(&mut self, fd: RawFd) {
-        let mut buf = [0u8; 65536];
-        let prefix = self.replies.hello.trim_end().replace("hello from ", "");
+        let mut buf = [0u8; 65536 + 64];
+        let p = self.replies.echo_prefix.len().min(64);
+        buf[..p].copy_from_slice(&self.replies.echo_prefix[..p]);
         for _ in 0..64 {
-            let reply = |data: &[u8]| {
-                let mut r = format!("{prefix}: ").into_bytes();
-                r.extend_from_slice(data);
-                r
-            };
-            let done = match &self.src[fd as usize] {
-                Some(Source::Udp(u)) => match u.recv_from(&mut buf) {
-                    Ok((n, from)) => {
-                        let _ = u.send_to(&reply(&buf[..n]), from);
-                        false
-                    }
-                    Err(_) => true,
+            let ok = match &self.src[fd as usize] {
+                Some(Source::Udp(u)) => match u.recv_from(&mut buf[p..]) {
+                    Ok((n, from)) => u.send_to(&buf[..p + n], from).map(drop).or(Ok(())),
+                    Err(e) => Err(e),
                 },
-                Some(Source::UnixDgram(u)) => match u.recv_from(&mut buf) {
-                    Ok((n, from)) => {
-                        if let Some(p) = from.as_pathname() {
-                            let _ = u.send_to(&reply(&buf[..n]), p);
-                        }
-                        false
-                    }
-                    Err(_) => true,
+                Some(Source::UnixDgram(u)) => match u.recv_from(&mut buf[p..]) {
+                    Ok((n, from)) => match from.as_pathname() {
+                        Some(path) => u.send_to(&buf[..p + n], path).map(drop).or(Ok(())),
+                        None => Ok(()), // an unbound sender cannot be answered
+                    },
+                    Err(e) => Err(e),
                 },
-                _ => true,
+                _ => return,
             };
-            if done {
-                return;
+            if ok.is_err() {
+                return; // WouldBlock (or an error: try again on the next event)
             }
             self.reqs += 1;
         }

@@ -288,3 +288,35 @@ fn protocol_doc_embeds_the_examples() {
         );
     }
 }
+
+/// Connections still queued when SIGTERM arrives are received and served (hello is stopped
+/// while they are queued, so it finds both the signal and the queue when it resumes).
+#[test]
+fn hello_drains_its_channel_on_sigterm() {
+    let hello = hello_exe();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ch = Channel::new().unwrap();
+    let mut w = Worker::spawn(&ch, &[hello.to_str().unwrap()], &[]);
+    // wait until it runs: one served connection
+    let (mut c, s) = connect(&l);
+    ch.send(s, false).unwrap();
+    c.write_all(REQUEST).unwrap();
+    assert!(response(&mut c).contains("hello from worker 7"));
+
+    kill(w.pid(), Signal::SIGSTOP).unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let (mut c, s) = connect(&l);
+        c.write_all(REQUEST).unwrap();
+        ch.send(s, false).unwrap();
+        clients.push(c);
+    }
+    assert_eq!(ch.queued(), 5);
+    kill(w.pid(), Signal::SIGTERM).unwrap();
+    kill(w.pid(), Signal::SIGCONT).unwrap();
+    for c in &mut clients {
+        assert!(response(c).contains("hello from worker 7"));
+    }
+    assert!(w.wait().success());
+    assert_eq!(ch.queued(), 0);
+}
