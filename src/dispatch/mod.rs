@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod policy;
+pub(crate) mod sys;
 
 pub use channel::{Channel, SendError};
 pub use policy::{Candidate, Policy};
