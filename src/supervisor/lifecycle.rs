@@ -297,6 +297,9 @@ impl Supervisor {
         while let Some(sig) = self.queued_signals.pop_front() {
             self.handle_signal(sig, now);
         }
+        // Read what workers said before reaping them: a worker's last words (STOPPING=1)
+        // must not arrive after it is forgotten.
+        self.read_notifications();
         self.reap(now);
         self.enforce_deadlines(now);
         self.restart_due(now);
