@@ -215,6 +215,7 @@ impl Listeners {
             channel: e.kind == ListenerKind::Channel,
             fd: Arc::new(e.fd?),
             nonblocking_set: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
         })
     }
 
@@ -274,6 +275,8 @@ pub struct Incoming {
     /// Shared with the connections that must report their close on it.
     fd: Arc<OwnedFd>,
     nonblocking_set: AtomicBool,
+    /// sockvisor was told that this worker reports closes (a `closed` of 0).
+    announced: AtomicBool,
 }
 
 /// Why the channel ended: sockvisor closed its end (it exited). Carried in an
@@ -298,6 +301,7 @@ impl Incoming {
             name: name.into(),
             channel,
             fd: Arc::new(fd),
+            announced: AtomicBool::new(false),
             nonblocking_set: AtomicBool::new(false),
         })
     }
@@ -388,6 +392,11 @@ impl Incoming {
             Ok(Message::Connection { report_close, .. }) => match got.fds.take_first() {
                 // any further fd in `got.fds` is closed when it drops
                 Some(fd) => {
+                    if report_close && !self.announced.swap(true, Ordering::Relaxed) {
+                        // Protocol rule: say once that closes will be reported, so that
+                        // sockvisor counts this worker by its open connections from now on.
+                        announce_reports(self.fd.as_fd());
+                    }
                     let report = report_close.then(|| CloseReport {
                         channel: Arc::clone(&self.fd),
                     });
@@ -477,6 +486,11 @@ impl Stream {
 #[derive(Debug)]
 pub struct CloseReport {
     channel: Arc<OwnedFd>,
+}
+
+fn announce_reports(channel: BorrowedFd<'_>) {
+    let msg = Message::Closed { count: 0 }.encode();
+    let _ = sys::send(channel, &msg, None, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
 }
 
 impl Drop for CloseReport {
@@ -741,15 +755,20 @@ mod tests {
         let mut b = [0u8; 2];
         client.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"hi");
-        assert_eq!(ch.read_reports(), (0, false));
+        let announced = ch.read_reports();
+        assert_eq!(
+            (announced.closed, announced.reports),
+            (0, 1),
+            "the worker said it reports closes"
+        );
         drop(conn);
-        assert_eq!(ch.read_reports(), (1, false));
+        assert_eq!(ch.read_reports().closed, 1);
         assert_eq!(client.read(&mut b).unwrap(), 0, "closed before reporting");
 
         let conn2 = inc.try_accept().unwrap().unwrap();
         assert!(!conn2.reports_close());
         drop(conn2);
-        assert_eq!(ch.read_reports(), (0, false));
+        assert_eq!(ch.read_reports().reports, 0);
         assert_eq!(client2.read(&mut b).unwrap(), 0);
 
         // garbage and unknown kinds are skipped, their fds closed

@@ -126,7 +126,7 @@ fn exercise(argv: &[&str], envs: &[(&str, &str)], body: &str) -> Worker {
     }
     let mut reports = 0;
     wait_until("3 close reports", || {
-        reports += ch.read_reports().0;
+        reports += ch.read_reports().closed;
         reports >= 3
     });
     assert_eq!(reports, 3);

@@ -35,6 +35,24 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// What [`Channel::read_reports`] read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reports {
+    /// Connections the worker reported closed.
+    pub closed: u64,
+    /// `closed` messages read (a worker announces that it reports with a `closed` of 0).
+    pub reports: u64,
+    /// The worker's side hung up: stop polling this channel.
+    pub hung_up: bool,
+}
+
+impl Reports {
+    fn hung_up(mut self) -> Reports {
+        self.hung_up = true;
+        self
+    }
+}
+
 /// Why a connection could not be queued. The connection itself is always handed back.
 #[derive(Debug)]
 pub enum SendError {
@@ -222,18 +240,18 @@ impl Channel {
     /// (counted in [`malformed_total`], the first few logged). A hang-up is `ECONNRESET` or
     /// end of file (the worker called `shutdown(2)`); after it, stop polling this channel. An
     /// empty message is told apart from end of file with `poll(POLLRDHUP)`.
-    pub fn read_reports(&self) -> (u64, bool) {
-        let mut closed = 0u64;
+    pub fn read_reports(&self) -> Reports {
+        let mut r = Reports::default();
         let mut buf = [0u8; MSG_LEN + 1];
         loop {
             let got = match sys::recv(self.sockvisor_end.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
                 Ok(got) => got,
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return (closed, false),
-                Err(Errno::ECONNRESET) => return (closed, true),
+                Err(Errno::EAGAIN) => return r,
+                Err(Errno::ECONNRESET) => return r.hung_up(),
                 Err(e) => {
                     log::warn!("channel: reading close reports: {e}");
-                    return (closed, true);
+                    return r.hung_up();
                 }
             };
             let nfds = got.fds.len();
@@ -243,14 +261,17 @@ impl Channel {
                     .map(|r| r & (libc::POLLRDHUP | libc::POLLHUP) != 0)
                     .unwrap_or(true);
                 if hup {
-                    return (closed, true);
+                    return r.hung_up();
                 }
             }
             if nfds > 0 {
                 note_malformed(format_args!("{nfds} fd(s) attached, closed"));
             }
             match Message::decode(&buf[..got.bytes.min(buf.len())]) {
-                Ok(Message::Closed { count }) => closed += u64::from(count),
+                Ok(Message::Closed { count }) => {
+                    r.closed += u64::from(count);
+                    r.reports += 1;
+                }
                 Ok(m) => note_malformed(format_args!("unexpected {m:?}")),
                 Err(e) => note_malformed(format_args!("{e}")),
             }
@@ -419,7 +440,7 @@ mod tests {
     fn close_reports_are_summed_and_garbage_skipped() {
         let ch = Channel::new().unwrap();
         let w = ch.worker_end();
-        assert_eq!(ch.read_reports(), (0, false));
+        assert_eq!(ch.read_reports(), Reports::default());
         sys::send(w, &Message::Closed { count: 2 }.encode(), None, 0).unwrap();
         sys::send(w, &[1, 2, 3], None, 0).unwrap(); // malformed length
         sys::send(w, &[9, 2, 0, 0, 1, 0, 0, 0], None, 0).unwrap(); // unknown version
@@ -435,7 +456,7 @@ mod tests {
         .unwrap();
         drop(a);
         let before = malformed_total();
-        assert_eq!(ch.read_reports(), (7, false));
+        assert_eq!(ch.read_reports().closed, 7);
         assert!(malformed_total() >= before + 4);
         // the fd sent to sockvisor was closed: b sees EOF
         b.set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -458,7 +479,7 @@ mod tests {
         .unwrap();
         drop(worker_copy);
         // Not visible on the channel: sockvisor still holds the worker's end.
-        assert_eq!(ch.read_reports(), (1, false));
+        assert_eq!(ch.read_reports().closed, 1);
         let (_c, s) = tcp_pair(&l);
         ch.send(s, false).unwrap();
         assert_eq!(ch.reclaim().len(), 1);
@@ -467,7 +488,7 @@ mod tests {
         let worker_copy = ch.worker_end().try_clone_to_owned().unwrap();
         nix::sys::socket::shutdown(worker_copy.as_raw_fd(), nix::sys::socket::Shutdown::Both)
             .unwrap();
-        assert_eq!(ch.read_reports(), (0, true));
+        assert!(ch.read_reports().hung_up);
         let (_c, s) = tcp_pair(&l);
         let (back, err) = ch.send(s, false).unwrap_err();
         assert!(matches!(err, SendError::Closed(_)), "{err:?}");

@@ -5,5 +5,5 @@ pub mod channel;
 pub mod policy;
 pub(crate) mod sys;
 
-pub use channel::{Channel, SendError};
+pub use channel::{Channel, Reports, SendError};
 pub use policy::{Candidate, Policy};

@@ -216,12 +216,10 @@ impl Supervisor {
         let Some(c) = w.channels.get_mut(listener).and_then(|c| c.as_mut()) else {
             return;
         };
-        let (closed, hung_up) = c.channel.read_reports();
-        if closed > 0 {
-            c.reported_closed += closed;
-            c.reports = true;
-        }
-        if hung_up {
+        let r = c.channel.read_reports();
+        c.reported_closed += r.closed;
+        c.reports |= r.reports > 0;
+        if r.hung_up {
             // The worker closed its end (it still runs, or SIGCHLD is on its way). Stop
             // listening for reports; its death is learned from SIGCHLD.
             let _ = self.epoll.delete(c.channel.sockvisor_end());
