@@ -1,0 +1,390 @@
+//! Reload, scaling and the control socket (issue 5) against the real binary.
+
+mod common;
+use common::*;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn write_config(path: &Path, port: u16, workers: usize, command: &[String]) {
+    let cmd: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
+    std::fs::write(
+        path,
+        format!(
+            "workers = {workers}\nready = \"notify\"\nready_timeout = \"5s\"\nreload_timeout = \"5s\"\nstop_timeout = \"5s\"\n\
+             command = [{}]\n[[listen]]\nname = \"web\"\nurl = \"tcp://127.0.0.1:{port}\"\n",
+            cmd.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+fn hello_cmd() -> Vec<String> {
+    vec![hello_bin().display().to_string()]
+}
+
+fn start(config: &Path) -> (Fleet, NotifySocket) {
+    let mut notify = NotifySocket::new();
+    let fleet = FleetBuilder::new(["-c", config.to_str().unwrap()])
+        .env("HELLO_READY", "1")
+        .notify(&notify)
+        .start();
+    notify
+        .wait_for("READY=1", T)
+        .unwrap_or_else(|| panic!("not ready: {}", fleet.log()));
+    (fleet, notify)
+}
+
+fn ctl(fleet: &Fleet, args: &[&str]) -> std::process::Output {
+    Command::new(sockvisor_bin())
+        .args(args)
+        .arg("--control")
+        .arg(&fleet.control)
+        .output()
+        .unwrap()
+}
+
+fn status(fleet: &Fleet) -> serde_json::Value {
+    let out = ctl(fleet, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn pids(fleet: &Fleet) -> BTreeSet<i64> {
+    status(fleet)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap())
+        .collect()
+}
+
+/// Wait until `sockvisor status` shows `n` ready workers and nothing else.
+fn wait_workers(fleet: &Fleet, n: usize) {
+    for _ in 0..1000 {
+        let s = status(fleet);
+        let w = s["workers"].as_array().unwrap();
+        if w.len() == n && w.iter().all(|w| w["state"] == "ready") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("never {n} ready workers: {}", status(fleet));
+}
+
+/// Read one HTTP response (headers + Content-Length body).
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    let mut head = String::new();
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(head + &String::from_utf8_lossy(&body))
+}
+
+#[derive(Default)]
+struct Load {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    /// Keep-alive connections closed by a draining worker between requests, retried on a new
+    /// connection as every HTTP client does (the request was never sent to a worker).
+    reconnects: AtomicU64,
+}
+
+/// Client threads until `stop`: new-connection-per-request and keep-alive.
+fn run_load(port: u16, stop: Arc<AtomicBool>, load: Arc<Load>) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let (stop, load) = (stop.clone(), load.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(port) {
+                    Ok(b) if b.contains("hello from worker") => {
+                        load.ok.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Ok(b) => panic!("bad answer {b:?}"),
+                    Err(e) => {
+                        eprintln!("close-load request failed: {e}");
+                        load.failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    for _ in 0..2 {
+        let (stop, load) = (stop.clone(), load.clone());
+        threads.push(std::thread::spawn(move || {
+            let connect = || {
+                let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(T)).unwrap();
+                BufReader::new(s)
+            };
+            let mut conn = connect();
+            let mut fresh = true;
+            while !stop.load(Ordering::Relaxed) {
+                let sent = conn
+                    .get_mut()
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+                match sent.and_then(|_| read_response(&mut conn)) {
+                    Ok(r) if r.contains("hello from worker") => {
+                        load.ok.fetch_add(1, Ordering::Relaxed);
+                        fresh = false;
+                        if r.to_ascii_lowercase().contains("connection: close") {
+                            conn = connect();
+                            fresh = true;
+                        }
+                    }
+                    Ok(r) => panic!("bad answer {r:?}"),
+                    Err(e) if !fresh => {
+                        // The server closed an idle keep-alive connection: retry on a new one.
+                        let _ = e;
+                        load.reconnects.fetch_add(1, Ordering::Relaxed);
+                        conn = connect();
+                        fresh = true;
+                    }
+                    Err(e) => {
+                        eprintln!("keep-alive request failed on a fresh connection: {e}");
+                        load.failed.fetch_add(1, Ordering::Relaxed);
+                        conn = connect();
+                    }
+                }
+            }
+        }));
+    }
+    threads
+}
+
+#[test]
+fn five_reloads_under_load_fail_no_request() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 3, &hello_cmd());
+    let (fleet, mut notify) = start(&config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load::default());
+    let threads = run_load(port, stop.clone(), load.clone());
+    let mut seen_pids = pids(&fleet);
+    for round in 1..=5 {
+        let before = pids(&fleet);
+        let out = ctl(&fleet, &["reload"]);
+        assert!(
+            out.status.success(),
+            "reload {round}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fleet.log()
+        );
+        assert!(String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("generation {} serving", round + 1)));
+        wait_workers(&fleet, 3);
+        let s = status(&fleet);
+        assert_eq!(s["generation"], round + 1);
+        let after = pids(&fleet);
+        assert!(
+            before.is_disjoint(&after),
+            "every worker replaced: {before:?} -> {after:?}"
+        );
+        assert!(s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["generation"] == round + 1));
+        seen_pids.extend(after);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (ok, failed, reconnects) = (
+        load.ok.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+        load.reconnects.load(Ordering::Relaxed),
+    );
+    eprintln!("5 reloads under load: {ok} requests ok, {failed} failed, {reconnects} keep-alive reconnects, {} worker pids", seen_pids.len());
+    assert_eq!(failed, 0, "{}", fleet.log());
+    assert!(ok > 100, "the load ran ({ok})");
+    assert_eq!(seen_pids.len(), 18);
+    // RELOADING=1 with MONOTONIC_USEC, then READY=1, for each reload.
+    let all = notify.all();
+    let reloading = all
+        .iter()
+        .filter(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC="))
+        .count();
+    assert_eq!(reloading, 5, "{all:?}");
+    assert_eq!(
+        all.iter()
+            .filter(|m| m.lines().any(|l| l == "READY=1"))
+            .count(),
+        6
+    );
+}
+
+#[test]
+fn a_broken_config_is_refused_and_the_fleet_keeps_serving() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 2, &hello_cmd());
+    let (fleet, mut notify) = start(&config);
+    let before = pids(&fleet);
+    std::fs::write(&config, "workers = \"many\"\n").unwrap();
+    let out = ctl(&fleet, &["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reload refused") && err.contains("workers"),
+        "{err}"
+    );
+    notify
+        .wait_for("STATUS=reload refused", T)
+        .expect("the refusal is in STATUS=");
+    assert_eq!(pids(&fleet), before, "old workers unchanged");
+    assert!(http_get(port).unwrap().contains("hello from worker"));
+    // SIGHUP takes the same path.
+    fleet.signal(libc::SIGHUP);
+    fleet.wait_log("reload (SIGHUP) refused", T);
+    assert_eq!(pids(&fleet), before);
+}
+
+#[test]
+fn a_generation_that_never_gets_ready_is_rolled_back() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 2, &hello_cmd());
+    let (fleet, _notify) = start(&config);
+    let before = pids(&fleet);
+    // The new command never says READY=1.
+    write_config(
+        &config,
+        port,
+        2,
+        &["/bin/sleep".to_string(), "60".to_string()],
+    );
+    let out = ctl(&fleet, &["reload"]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reload failed") && err.contains("generation 1 kept"),
+        "{err}"
+    );
+    assert_eq!(pids(&fleet), before, "the old generation still serves");
+    assert_eq!(status(&fleet)["generation"], 1);
+    assert!(http_get(port).unwrap().contains("hello from worker"));
+    fleet.wait_log("rolling back to generation 1", T);
+}
+
+#[test]
+fn scaling_by_signal_and_command_without_failing_requests() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 2, &hello_cmd());
+    let (fleet, _notify) = start(&config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load::default());
+    let threads = run_load(port, stop.clone(), load.clone());
+    fleet.signal(libc::SIGTTIN);
+    wait_workers(&fleet, 3);
+    fleet.signal(libc::SIGTTOU);
+    wait_workers(&fleet, 2);
+    let out = ctl(&fleet, &["scale", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_workers(&fleet, 4);
+    let out = ctl(&fleet, &["scale", "1"]);
+    assert!(out.status.success());
+    wait_workers(&fleet, 1);
+    let slots: Vec<u64> = status(&fleet)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["slot"].as_u64().unwrap())
+        .collect();
+    assert_eq!(slots, [0]);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (ok, failed) = (
+        load.ok.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+    );
+    eprintln!("scaling under load: {ok} requests ok, {failed} failed");
+    assert_eq!(failed, 0, "{}", fleet.log());
+    assert!(
+        !ctl(&fleet, &["scale", "0"]).status.success(),
+        "scale 0 is refused"
+    );
+}
+
+#[test]
+fn status_matches_the_fleet_and_other_users_are_refused() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 3, &hello_cmd());
+    let (fleet, _notify) = start(&config);
+    let s = status(&fleet);
+    assert_eq!(s["pid"], fleet.pid());
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["workers_wanted"], 3);
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 3);
+    let children: BTreeSet<i64> = children(fleet.pid()).into_iter().map(i64::from).collect();
+    for w in workers {
+        assert_eq!(w["state"], "ready");
+        assert!(
+            children.contains(&w["pid"].as_i64().unwrap()),
+            "{w} is a live child of sockvisor"
+        );
+    }
+    let table = String::from_utf8_lossy(&ctl(&fleet, &["status"]).stdout).into_owned();
+    assert!(table.contains("SLOT") && table.contains("ready"), "{table}");
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: the refusal of another uid needs root (to run the client as nobody)");
+        return;
+    }
+    let out = Command::new(sockvisor_bin())
+        .args(["status", "--control"])
+        .arg(&fleet.control)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
+}
+
+use std::os::unix::process::CommandExt;
