@@ -80,6 +80,7 @@ impl Replies {
 
 struct Server {
     ep: Epoll,
+    chunk: Box<[u8]>,         // read buffer shared by all connections
     src: Vec<Option<Source>>, // by fd
     replies: Replies,
     conns: u64,
@@ -126,6 +127,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
     let mask = block_signals(&[])?;
     let mut s = Server {
         ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+        chunk: vec![0; BUF].into_boxed_slice(),
         src: Vec::new(),
         replies: Replies::new(),
         conns: 0,
@@ -140,6 +142,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
         match kind {
             ListenerKind::Channel | ListenerKind::Stream => {
                 if let Some(inc) = listeners.take_stream(&name) {
+                    inc.set_nonblocking_connections(true);
                     s.add(Source::Incoming(inc))?;
                 }
             }
@@ -156,6 +159,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
         }
     }
     if let Some(inc) = reuseport {
+        inc.set_nonblocking_connections(true);
         s.add(Source::Incoming(inc))?;
     }
     if s.src.iter().flatten().count() == 0 {
@@ -304,7 +308,6 @@ impl Server {
 
     fn new_conn(&mut self, c: Connection) -> io::Result<()> {
         self.conns += 1;
-        c.set_nonblocking(true)?;
         if let Some(t) = c.as_tcp() {
             let _ = t.set_nodelay(true);
         }
@@ -353,17 +356,21 @@ impl Server {
             return;
         };
         let draining = self.draining.is_some();
-        let mut chunk = [0u8; BUF];
+        let chunk = &mut self.chunk[..];
         let keep = loop {
-            match c.c.read(&mut chunk) {
+            let n = match c.c.read(chunk) {
                 Ok(0) => break false,
-                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => break false,
-            }
+            };
+            c.buf.extend_from_slice(&chunk[..n]);
             if !serve(c, &self.replies, draining, &mut self.reqs) || c.buf.len() > BUF {
                 break false; // done, or an oversized request head
+            }
+            if n < chunk.len() {
+                break true; // a short read drained the socket: wait for epoll
             }
         };
         if !keep {
