@@ -265,7 +265,27 @@ fn classify(fd: BorrowedFd<'_>) -> io::Result<(ListenerKind, Option<AddressFamil
 /// A source of stream connections: a sockvisor channel or a shared listening socket.
 ///
 /// For an event loop, register [`AsRawFd::as_raw_fd`] for readability (mio's `SourceFd`,
-/// tokio's `AsyncFd`, epoll) and call [`Incoming::try_accept`] until it returns `Ok(None)`.
+/// tokio's `AsyncFd`, epoll) and call [`Incoming::try_accept`] until it returns `Ok(None)`:
+///
+/// ```no_run
+/// # fn serve(_: sockvisor::worker::Connection) {}
+/// use sockvisor::worker::Listeners;
+/// use std::os::fd::AsFd;
+///
+/// let mut listeners = Listeners::from_env()?;
+/// let web = listeners.take_stream("web").expect("no listener named web");
+/// web.set_nonblocking_connections(true);
+/// let ep = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC)?;
+/// ep.add(web.as_fd(), nix::sys::epoll::EpollEvent::new(nix::sys::epoll::EpollFlags::EPOLLIN, 0))?;
+/// let mut events = [nix::sys::epoll::EpollEvent::empty(); 16];
+/// loop {
+///     ep.wait(&mut events, nix::sys::epoll::EpollTimeout::NONE)?;
+///     while let Some(conn) = web.try_accept()? {
+///         serve(conn); // register it, read when readable...
+///     }
+/// }
+/// # #[allow(unreachable_code)] Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Incoming {
     name: String,
