@@ -194,18 +194,6 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
 impl Server {
     fn add(&mut self, source: Source) -> io::Result<()> {
         let fd = match &source {
-            Source::Incoming(i) => i.as_raw_fd(),
-            Source::Udp(u) => u.as_raw_fd(),
-            Source::UnixDgram(u) => u.as_raw_fd(),
-            Source::Conn(c) => c.c.as_raw_fd(),
-            Source::Signal(f) => f.as_raw_fd(),
-            Source::Timer(t) => t.as_fd().as_raw_fd(),
-        };
-        let i = usize::try_from(fd).map_err(io::Error::other)?;
-        if self.src.len() <= i {
-            self.src.resize_with(i + 1, || None);
-        }
-        let borrowed = match &source {
             Source::Incoming(x) => x.as_fd(),
             Source::Udp(x) => x.as_fd(),
             Source::UnixDgram(x) => x.as_fd(),
@@ -213,8 +201,13 @@ impl Server {
             Source::Signal(x) => x.as_fd(),
             Source::Timer(x) => x.as_fd(),
         };
+        let raw = fd.as_raw_fd();
         self.ep
-            .add(borrowed, EpollEvent::new(EpollFlags::EPOLLIN, fd as u64))?;
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, raw as u64))?;
+        let i = raw as usize;
+        if self.src.len() <= i {
+            self.src.resize_with(i + 1, || None);
+        }
         self.src[i] = Some(source);
         Ok(())
     }
@@ -290,7 +283,11 @@ impl Server {
                 return Ok(());
             };
             match inc.try_accept() {
-                Ok(Some(c)) => self.new_conn(c)?,
+                Ok(Some(c)) => {
+                    if let Err(e) = self.new_conn(c) {
+                        eprintln!("hello: cannot watch a connection: {e}"); // it is closed
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
                     // sockvisor is gone: serve what we have, then exit
