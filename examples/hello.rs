@@ -80,6 +80,7 @@ impl Replies {
 
 struct Server {
     ep: Epoll,
+    chunk: Box<[u8]>,         // read buffer shared by all connections
     src: Vec<Option<Source>>, // by fd
     replies: Replies,
     conns: u64,
@@ -126,6 +127,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
     let mask = block_signals(&[])?;
     let mut s = Server {
         ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+        chunk: vec![0; BUF].into_boxed_slice(),
         src: Vec::new(),
         replies: Replies::new(),
         conns: 0,
@@ -140,6 +142,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
         match kind {
             ListenerKind::Channel | ListenerKind::Stream => {
                 if let Some(inc) = listeners.take_stream(&name) {
+                    inc.set_nonblocking_connections(true);
                     s.add(Source::Incoming(inc))?;
                 }
             }
@@ -156,6 +159,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
         }
     }
     if let Some(inc) = reuseport {
+        inc.set_nonblocking_connections(true);
         s.add(Source::Incoming(inc))?;
     }
     if s.src.iter().flatten().count() == 0 {
@@ -190,18 +194,6 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
 impl Server {
     fn add(&mut self, source: Source) -> io::Result<()> {
         let fd = match &source {
-            Source::Incoming(i) => i.as_raw_fd(),
-            Source::Udp(u) => u.as_raw_fd(),
-            Source::UnixDgram(u) => u.as_raw_fd(),
-            Source::Conn(c) => c.c.as_raw_fd(),
-            Source::Signal(f) => f.as_raw_fd(),
-            Source::Timer(t) => t.as_fd().as_raw_fd(),
-        };
-        let i = usize::try_from(fd).map_err(io::Error::other)?;
-        if self.src.len() <= i {
-            self.src.resize_with(i + 1, || None);
-        }
-        let borrowed = match &source {
             Source::Incoming(x) => x.as_fd(),
             Source::Udp(x) => x.as_fd(),
             Source::UnixDgram(x) => x.as_fd(),
@@ -209,8 +201,13 @@ impl Server {
             Source::Signal(x) => x.as_fd(),
             Source::Timer(x) => x.as_fd(),
         };
+        let raw = fd.as_raw_fd();
         self.ep
-            .add(borrowed, EpollEvent::new(EpollFlags::EPOLLIN, fd as u64))?;
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, raw as u64))?;
+        let i = raw as usize;
+        if self.src.len() <= i {
+            self.src.resize_with(i + 1, || None);
+        }
         self.src[i] = Some(source);
         Ok(())
     }
@@ -286,7 +283,11 @@ impl Server {
                 return Ok(());
             };
             match inc.try_accept() {
-                Ok(Some(c)) => self.new_conn(c)?,
+                Ok(Some(c)) => {
+                    if let Err(e) = self.new_conn(c) {
+                        eprintln!("hello: cannot watch a connection: {e}"); // it is closed
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
                     // sockvisor is gone: serve what we have, then exit
@@ -304,7 +305,6 @@ impl Server {
 
     fn new_conn(&mut self, c: Connection) -> io::Result<()> {
         self.conns += 1;
-        c.set_nonblocking(true)?;
         if let Some(t) = c.as_tcp() {
             let _ = t.set_nodelay(true);
         }
@@ -353,17 +353,21 @@ impl Server {
             return;
         };
         let draining = self.draining.is_some();
-        let mut chunk = [0u8; BUF];
+        let chunk = &mut self.chunk[..];
         let keep = loop {
-            match c.c.read(&mut chunk) {
+            let n = match c.c.read(chunk) {
                 Ok(0) => break false,
-                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => break false,
-            }
+            };
+            c.buf.extend_from_slice(&chunk[..n]);
             if !serve(c, &self.replies, draining, &mut self.reqs) || c.buf.len() > BUF {
                 break false; // done, or an oversized request head
+            }
+            if n < chunk.len() {
+                break true; // a short read drained the socket: wait for epoll
             }
         };
         if !keep {

@@ -44,7 +44,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -210,13 +210,11 @@ impl Listeners {
         let e = self.take_where(name, |e| {
             matches!(e.kind, ListenerKind::Channel | ListenerKind::Stream)
         })?;
-        Some(Incoming {
-            name: e.name,
-            channel: e.kind == ListenerKind::Channel,
-            fd: Arc::new(e.fd?),
-            nonblocking_set: AtomicBool::new(false),
-            announced: AtomicBool::new(false),
-        })
+        Some(Incoming::new(
+            e.name,
+            e.kind == ListenerKind::Channel,
+            e.fd?,
+        ))
     }
 
     /// The first UDP socket named `name`.
@@ -267,7 +265,27 @@ fn classify(fd: BorrowedFd<'_>) -> io::Result<(ListenerKind, Option<AddressFamil
 /// A source of stream connections: a sockvisor channel or a shared listening socket.
 ///
 /// For an event loop, register [`AsRawFd::as_raw_fd`] for readability (mio's `SourceFd`,
-/// tokio's `AsyncFd`, epoll) and call [`Incoming::try_accept`] until it returns `Ok(None)`.
+/// tokio's `AsyncFd`, epoll) and call [`Incoming::try_accept`] until it returns `Ok(None)`:
+///
+/// ```no_run
+/// # fn serve(_: sockvisor::worker::Connection) {}
+/// use sockvisor::worker::Listeners;
+/// use std::os::fd::AsFd;
+///
+/// let mut listeners = Listeners::from_env()?;
+/// let web = listeners.take_stream("web").expect("no listener named web");
+/// web.set_nonblocking_connections(true);
+/// let ep = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC)?;
+/// ep.add(web.as_fd(), nix::sys::epoll::EpollEvent::new(nix::sys::epoll::EpollFlags::EPOLLIN, 0))?;
+/// let mut events = [nix::sys::epoll::EpollEvent::empty(); 16];
+/// loop {
+///     ep.wait(&mut events, nix::sys::epoll::EpollTimeout::NONE)?;
+///     while let Some(conn) = web.try_accept()? {
+///         serve(conn); // register it, read when readable...
+///     }
+/// }
+/// # #[allow(unreachable_code)] Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Incoming {
     name: String,
@@ -275,9 +293,16 @@ pub struct Incoming {
     /// Shared with the connections that must report their close on it.
     fd: Arc<OwnedFd>,
     nonblocking_set: AtomicBool,
+    nonblocking_conns: AtomicBool,
+    /// Address family of the connections, learnt from the first one.
+    family: AtomicU8,
     /// sockvisor was told that this worker reports closes (a `closed` of 0).
     announced: AtomicBool,
 }
+
+const FAMILY_UNKNOWN: u8 = 0;
+const FAMILY_INET: u8 = 1;
+const FAMILY_OTHER: u8 = 2;
 
 /// Why the channel ended: sockvisor closed its end (it exited). Carried in an
 /// `io::ErrorKind::UnexpectedEof` error from [`Incoming::accept`]/[`Incoming::try_accept`].
@@ -297,13 +322,45 @@ impl Incoming {
                 ))
             }
         };
-        Ok(Incoming {
-            name: name.into(),
+        Ok(Incoming::new(name.into(), channel, fd))
+    }
+
+    fn new(name: String, channel: bool, fd: OwnedFd) -> Incoming {
+        Incoming {
+            name,
             channel,
             fd: Arc::new(fd),
             announced: AtomicBool::new(false),
             nonblocking_set: AtomicBool::new(false),
-        })
+            nonblocking_conns: AtomicBool::new(false),
+            family: AtomicU8::new(FAMILY_UNKNOWN),
+        }
+    }
+
+    /// Return connections in non-blocking mode (for event loops), saving the caller a
+    /// syscall in shared mode (`accept4(SOCK_NONBLOCK)`). Off by default: connections are
+    /// blocking, as `accept(2)` returns them.
+    pub fn set_nonblocking_connections(&self, nonblocking: bool) {
+        self.nonblocking_conns.store(nonblocking, Ordering::Relaxed);
+    }
+
+    /// Wrap an accepted fd. One listener's connections all have the same address family,
+    /// so `getsockname` runs once per `Incoming`, not once per connection.
+    fn stream(&self, fd: OwnedFd) -> Stream {
+        let mut family = self.family.load(Ordering::Relaxed);
+        if family == FAMILY_UNKNOWN {
+            let inet = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+                .ok()
+                .and_then(|a| a.family())
+                .is_some_and(|f| matches!(f, AddressFamily::Inet | AddressFamily::Inet6));
+            family = if inet { FAMILY_INET } else { FAMILY_OTHER };
+            self.family.store(family, Ordering::Relaxed);
+        }
+        if family == FAMILY_INET {
+            Stream::Tcp(TcpStream::from(fd))
+        } else {
+            Stream::Unix(UnixStream::from(fd))
+        }
     }
 
     /// The name from `LISTEN_FDNAMES`.
@@ -371,11 +428,19 @@ impl Incoming {
     /// One attempt. `Ok(None)`: a message was skipped. `Err(ENODATA)` (channel only): end of
     /// file.
     fn accept_once(&self, recv_flags: libc::c_int) -> Result<Option<Connection>, Errno> {
+        let nonblocking = self.nonblocking_conns.load(Ordering::Relaxed);
         if !self.channel {
-            let raw = accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+            let mut flags = SockFlag::SOCK_CLOEXEC;
+            if nonblocking {
+                flags |= SockFlag::SOCK_NONBLOCK;
+            }
+            let raw = accept4(self.fd.as_raw_fd(), flags)?;
             // SAFETY: accept4 just returned this fd; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            return Ok(Some(Connection::new(fd, None)));
+            return Ok(Some(Connection {
+                stream: self.stream(fd),
+                report: None,
+            }));
         }
         let mut buf = [0u8; MSG_LEN + 1];
         let mut got = sys::recv(self.fd.as_fd(), &mut buf, recv_flags)?;
@@ -400,7 +465,13 @@ impl Incoming {
                     let report = report_close.then(|| CloseReport {
                         channel: Arc::clone(&self.fd),
                     });
-                    Ok(Some(Connection::new(fd, report)))
+                    let stream = self.stream(fd);
+                    if nonblocking {
+                        // sockvisor passes connections blocking; a failure here would only
+                        // surface as blocking I/O, and FIONBIO on a socket does not fail
+                        let _ = stream.set_nonblocking(true);
+                    }
+                    Ok(Some(Connection { stream, report }))
                 }
                 None => {
                     log::warn!("{}: connection message without an fd, skipped", self.name);
@@ -447,18 +518,6 @@ pub enum PeerAddr {
 }
 
 impl Stream {
-    fn from_fd(fd: OwnedFd) -> Stream {
-        let inet = getsockname::<SockaddrStorage>(fd.as_raw_fd())
-            .ok()
-            .and_then(|a| a.family())
-            .is_some_and(|f| matches!(f, AddressFamily::Inet | AddressFamily::Inet6));
-        if inet {
-            Stream::Tcp(TcpStream::from(fd))
-        } else {
-            Stream::Unix(UnixStream::from(fd))
-        }
-    }
-
     pub fn peer_addr(&self) -> io::Result<PeerAddr> {
         match self {
             Stream::Tcp(s) => s.peer_addr().map(PeerAddr::Inet),
@@ -515,13 +574,6 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(fd: OwnedFd, report: Option<CloseReport>) -> Connection {
-        Connection {
-            stream: Stream::from_fd(fd),
-            report,
-        }
-    }
-
     pub fn stream(&self) -> &Stream {
         &self.stream
     }
@@ -831,6 +883,40 @@ mod tests {
         );
         let fdfl = FdFlag::from_bits_truncate(fcntl(&conn2, FcntlArg::F_GETFD).unwrap());
         assert!(fdfl.contains(FdFlag::FD_CLOEXEC));
+    }
+
+    #[test]
+    fn nonblocking_connections_in_both_modes() {
+        let is_nonblocking = |c: &Connection| {
+            OFlag::from_bits_truncate(fcntl(c, FcntlArg::F_GETFL).unwrap())
+                .contains(OFlag::O_NONBLOCK)
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let shared = Incoming::from_fd("web", OwnedFd::from(l)).unwrap();
+        let mut ch = Channel::new().unwrap();
+        let chan = channel_incoming(&ch);
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        for nonblocking in [false, true] {
+            shared.set_nonblocking_connections(nonblocking);
+            chan.set_nonblocking_connections(nonblocking);
+            let _c = TcpStream::connect(addr).unwrap();
+            let conn = shared.accept().unwrap();
+            assert_eq!(is_nonblocking(&conn), nonblocking);
+            assert!(conn.as_tcp().is_some());
+            let (_c2, s) = tcp_pair(&l2);
+            ch.send(s, false).unwrap();
+            let conn = chan.accept().unwrap();
+            assert_eq!(is_nonblocking(&conn), nonblocking);
+            assert!(conn.as_tcp().is_some());
+        }
+        // a unix connection through a channel is a unix stream
+        let (_a, b) = UnixStream::pair().unwrap();
+        let ch2 = Channel::new().unwrap();
+        let mut ch2 = ch2;
+        ch2.send(OwnedFd::from(b), false).unwrap();
+        let chan2 = channel_incoming(&ch2);
+        assert!(chan2.accept().unwrap().as_unix().is_some());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use nix::unistd::Pid;
 use sockvisor::dispatch::Channel;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,7 +23,12 @@ struct Worker {
 impl Worker {
     /// `argv` with the channel's worker end at fd 3 and the LISTEN_* environment.
     fn spawn(ch: &Channel, argv: &[&str], envs: &[(&str, &str)]) -> Worker {
-        let raw = ch.worker_end().as_raw_fd();
+        Worker::spawn_fd(ch.worker_end(), argv, envs)
+    }
+
+    /// `argv` with `fd` at fd 3.
+    fn spawn_fd(fd: BorrowedFd<'_>, argv: &[&str], envs: &[(&str, &str)]) -> Worker {
+        let raw = fd.as_raw_fd();
         let mut cmd = Command::new("sh");
         // LISTEN_PID must be the worker's own pid: sh knows it ($$) and exec keeps it.
         cmd.arg("-c")
@@ -319,4 +324,21 @@ fn hello_drains_its_channel_on_sigterm() {
     }
     assert!(w.wait().success());
     assert_eq!(ch.queued(), 0);
+}
+
+/// Shared mode: the same hello accepts on a listening socket at fd 3 itself.
+#[test]
+fn hello_worker_shared_mode() {
+    let hello = hello_exe();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut w = Worker::spawn_fd(l.as_fd(), &[hello.to_str().unwrap()], &[]);
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(TIMEOUT)).unwrap();
+        c.write_all(REQUEST).unwrap();
+        assert!(response(&mut c).contains("hello from worker 7"));
+    }
+    kill(w.pid(), Signal::SIGTERM).unwrap();
+    assert!(w.wait().success());
 }
