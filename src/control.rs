@@ -967,10 +967,9 @@ fn table(rows: &[Vec<String>]) -> String {
 
 /// The human `sockvisor status`: a summary line, the listeners, then one row per worker.
 pub fn format_status_table(status: &FleetStatus) -> String {
-    let ready = status.workers.iter().filter(|w| w.state == "ready").count();
     let mut out = format!(
-        "sockvisor {} (pid {}, generation {}): {}/{} workers ready - {}\n",
-        status.state, status.pid, status.generation, ready, status.workers_wanted, status.summary
+        "sockvisor {} (pid {}, generation {}): {}\n",
+        status.state, status.pid, status.generation, status.summary
     );
     if !status.listeners.is_empty() {
         out.push('\n');
@@ -1407,7 +1406,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "sockvisor running (pid 4242, generation 2): 1/2 workers ready - 2/2 workers ready"
+            "sockvisor running (pid 4242, generation 2): 2/2 workers ready"
         );
         assert!(lines[2].starts_with("LISTENER  ADDRESS"));
         assert!(lines[3].starts_with("web       tcp://127.0.0.1:8000  round-robin  1000"));

@@ -104,10 +104,6 @@ impl Worker {
         self.channels.iter().flatten().map(|c| c.dispatched).sum()
     }
 
-    pub fn queued_bound(&self) -> usize {
-        self.channels.iter().flatten().map(|c| c.queued_bound).sum()
-    }
-
     pub fn open(&self) -> Option<u64> {
         self.channels
             .iter()

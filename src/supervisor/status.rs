@@ -41,7 +41,6 @@ impl Supervisor {
             self.slots.len(),
             self.restarts()
         );
-        let dispatched: u64 = self.workers.values().map(|w| w.dispatched()).sum::<u64>();
         if self.listeners.iter().any(|l| l.dispatched()) {
             let accepted: u64 = self.listeners.iter().map(|l| l.accepted).sum();
             let pending: usize = self
@@ -49,8 +48,12 @@ impl Supervisor {
                 .iter()
                 .map(|l| l.pending_connections.len())
                 .sum();
-            let queued: usize = self.workers.values().map(|w| w.queued_bound()).sum();
-            let _ = dispatched;
+            let queued: usize = self
+                .workers
+                .values()
+                .flat_map(|w| w.channels.iter().flatten())
+                .map(|c| c.channel.queued())
+                .sum();
             s.push_str(&format!(
                 ", {accepted} connections accepted, {queued} queued, {pending} pending"
             ));
