@@ -41,20 +41,6 @@ fn hello_fleet(args: &[&str]) -> (Fleet, NotifySocket) {
     (fleet, notify)
 }
 
-fn status_json(fleet: &Fleet) -> serde_json::Value {
-    let out = std::process::Command::new(sockvisor_bin())
-        .args(["status", "--json", "--control"])
-        .arg(&fleet.control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn round_robin_balances_10000_connections_over_4_workers() {
     let port = free_port();
@@ -74,7 +60,7 @@ fn round_robin_balances_10000_connections_over_4_workers() {
     );
     assert!(max / min <= 1.05, "balance {per_worker:?}");
     // The same counts as sockvisor's own.
-    let status = status_json(&fleet);
+    let status = fleet.status();
     let dispatched: u64 = status["workers"]
         .as_array()
         .unwrap()
@@ -209,7 +195,7 @@ fn finish_request(mut s: TcpStream) -> String {
 }
 
 fn worker_pids(fleet: &Fleet) -> Vec<(String, i32)> {
-    status_json(fleet)["workers"]
+    fleet.status()["workers"]
         .as_array()
         .unwrap()
         .iter()
@@ -231,7 +217,7 @@ fn connections_queued_to_a_dead_worker_are_served_by_another() {
     let queued = (0..200)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(10));
-            status_json(&fleet)["workers"]
+            fleet.status()["workers"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -286,9 +272,7 @@ fn backpressure_keeps_memory_flat_and_serves_everything_later() {
     // sockvisor took what fits in the windows (2 x 16), the kernel backlog holds the rest.
     let mut accepted = 0;
     for _ in 0..300 {
-        accepted = status_json(&fleet)["listeners"][0]["accepted"]
-            .as_u64()
-            .unwrap();
+        accepted = fleet.status()["listeners"][0]["accepted"].as_u64().unwrap();
         if accepted >= 33 {
             break;
         }
@@ -335,11 +319,7 @@ fn least_connections_skips_a_worker_holding_long_connections() {
         assert!(String::from_utf8_lossy(&buf[..n]).contains("worker 0"));
         held.push(s);
     }
-    let out = std::process::Command::new(sockvisor_bin())
-        .args(["scale", "2", "--control"])
-        .arg(&fleet.control)
-        .output()
-        .unwrap();
+    let out = fleet.ctl(&["scale", "2"]);
     assert!(
         out.status.success(),
         "{}",
@@ -347,7 +327,7 @@ fn least_connections_skips_a_worker_holding_long_connections() {
     );
     let mut ready = false;
     for _ in 0..500 {
-        let s = status_json(&fleet);
+        let s = fleet.status();
         if s["workers"]
             .as_array()
             .unwrap()
@@ -369,7 +349,7 @@ fn least_connections_skips_a_worker_holding_long_connections() {
             "new connections go to the idle worker while worker 0 holds 10"
         );
     }
-    let status = status_json(&fleet);
+    let status = fleet.status();
     let w0 = status["workers"]
         .as_array()
         .unwrap()
@@ -402,7 +382,7 @@ fn shared_round_robin_and_unix_listeners_side_by_side() {
     )
     .unwrap();
     let (fleet, _n) = hello_fleet(&["-c", config.to_str().unwrap()]);
-    let status = status_json(&fleet);
+    let status = fleet.status();
     let policies: Vec<&str> = status["listeners"]
         .as_array()
         .unwrap()
@@ -422,7 +402,7 @@ fn shared_round_robin_and_unix_listeners_side_by_side() {
         assert!(out.contains("hello from worker"), "{out}");
     }
     assert_eq!(rr.len(), 2, "round robin alternates");
-    let accepted: Vec<u64> = status_json(&fleet)["listeners"]
+    let accepted: Vec<u64> = fleet.status()["listeners"]
         .as_array()
         .unwrap()
         .iter()

@@ -42,27 +42,8 @@ fn start(config: &Path) -> (Fleet, NotifySocket) {
     (fleet, notify)
 }
 
-fn ctl(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    Command::new(sockvisor_bin())
-        .args(args)
-        .arg("--control")
-        .arg(&fleet.control)
-        .output()
-        .unwrap()
-}
-
-fn status(fleet: &Fleet) -> serde_json::Value {
-    let out = ctl(fleet, &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn pids(fleet: &Fleet) -> BTreeSet<i64> {
-    status(fleet)["workers"]
+    fleet.status()["workers"]
         .as_array()
         .unwrap()
         .iter()
@@ -73,14 +54,14 @@ fn pids(fleet: &Fleet) -> BTreeSet<i64> {
 /// Wait until `sockvisor status` shows `n` ready workers and nothing else.
 fn wait_workers(fleet: &Fleet, n: usize) {
     for _ in 0..1000 {
-        let s = status(fleet);
+        let s = fleet.status();
         let w = s["workers"].as_array().unwrap();
         if w.len() == n && w.iter().all(|w| w["state"] == "ready") {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("never {n} ready workers: {}", status(fleet));
+    panic!("never {n} ready workers: {}", fleet.status());
 }
 
 /// Read one HTTP response (headers + Content-Length body).
@@ -190,7 +171,7 @@ fn five_reloads_under_load_fail_no_request() {
     let mut seen_pids = pids(&fleet);
     for round in 1..=5 {
         let before = pids(&fleet);
-        let out = ctl(&fleet, &["reload"]);
+        let out = fleet.ctl(&["reload"]);
         assert!(
             out.status.success(),
             "reload {round}: {}\n{}",
@@ -200,7 +181,7 @@ fn five_reloads_under_load_fail_no_request() {
         assert!(String::from_utf8_lossy(&out.stdout)
             .contains(&format!("generation {} serving", round + 1)));
         wait_workers(&fleet, 3);
-        let s = status(&fleet);
+        let s = fleet.status();
         assert_eq!(s["generation"], round + 1);
         let after = pids(&fleet);
         assert!(
@@ -251,7 +232,7 @@ fn a_broken_config_is_refused_and_the_fleet_keeps_serving() {
     let (fleet, mut notify) = start(&config);
     let before = pids(&fleet);
     std::fs::write(&config, "workers = \"many\"\n").unwrap();
-    let out = ctl(&fleet, &["reload"]);
+    let out = fleet.ctl(&["reload"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -284,7 +265,7 @@ fn a_generation_that_never_gets_ready_is_rolled_back() {
         2,
         &["/bin/sleep".to_string(), "60".to_string()],
     );
-    let out = ctl(&fleet, &["reload"]);
+    let out = fleet.ctl(&["reload"]);
     assert!(
         !out.status.success(),
         "{}",
@@ -296,7 +277,7 @@ fn a_generation_that_never_gets_ready_is_rolled_back() {
         "{err}"
     );
     assert_eq!(pids(&fleet), before, "the old generation still serves");
-    assert_eq!(status(&fleet)["generation"], 1);
+    assert_eq!(fleet.status()["generation"], 1);
     assert!(http_get(port).unwrap().contains("hello from worker"));
     fleet.wait_log("rolling back to generation 1", T);
 }
@@ -315,17 +296,17 @@ fn scaling_by_signal_and_command_without_failing_requests() {
     wait_workers(&fleet, 3);
     fleet.signal(libc::SIGTTOU);
     wait_workers(&fleet, 2);
-    let out = ctl(&fleet, &["scale", "4"]);
+    let out = fleet.ctl(&["scale", "4"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     wait_workers(&fleet, 4);
-    let out = ctl(&fleet, &["scale", "1"]);
+    let out = fleet.ctl(&["scale", "1"]);
     assert!(out.status.success());
     wait_workers(&fleet, 1);
-    let slots: Vec<u64> = status(&fleet)["workers"]
+    let slots: Vec<u64> = fleet.status()["workers"]
         .as_array()
         .unwrap()
         .iter()
@@ -343,7 +324,7 @@ fn scaling_by_signal_and_command_without_failing_requests() {
     eprintln!("scaling under load: {ok} requests ok, {failed} failed");
     assert_eq!(failed, 0, "{}", fleet.log());
     assert!(
-        !ctl(&fleet, &["scale", "0"]).status.success(),
+        !fleet.ctl(&["scale", "0"]).status.success(),
         "scale 0 is refused"
     );
 }
@@ -355,7 +336,7 @@ fn status_matches_the_fleet_and_other_users_are_refused() {
     let config = dir.path().join("app.toml");
     write_config(&config, port, 3, &hello_cmd());
     let (fleet, _notify) = start(&config);
-    let s = status(&fleet);
+    let s = fleet.status();
     assert_eq!(s["pid"], fleet.pid());
     assert_eq!(s["state"], "running");
     assert_eq!(s["workers_wanted"], 3);
@@ -369,7 +350,7 @@ fn status_matches_the_fleet_and_other_users_are_refused() {
             "{w} is a live child of sockvisor"
         );
     }
-    let table = String::from_utf8_lossy(&ctl(&fleet, &["status"]).stdout).into_owned();
+    let table = String::from_utf8_lossy(&fleet.ctl(&["status"]).stdout).into_owned();
     assert!(table.contains("SLOT") && table.contains("ready"), "{table}");
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIP: the refusal of another uid needs root (to run the client as nobody)");

@@ -257,6 +257,27 @@ impl Fleet {
         }
     }
 
+    /// Run `sockvisor ARGS --control <this fleet's socket>`.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(sockvisor_bin())
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .unwrap()
+    }
+
+    /// `sockvisor status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Wait for the process to exit, up to `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_some() {
