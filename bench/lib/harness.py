@@ -253,13 +253,19 @@ def exec_form(cmd):
 
 # ---------------------------------------------------------------- a server
 
+# never hand the harness's own systemd context (if any) to a server under test:
+# sockvisor would notify or take sockets from the wrong place
+SCRUB_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
 class Server:
     """A server command running in its own session; stop() signals only that
     process group (which this object created)."""
 
     def __init__(self, cmd, env, cwd, logpath):
         self.statsdir = tempfile.mkdtemp(prefix="bench-stats-")
-        self.env = dict(os.environ, BENCH_STATS_DIR=self.statsdir, **env)
+        base = {k: v for k, v in os.environ.items() if k not in SCRUB_ENV}
+        self.env = dict(base, BENCH_STATS_DIR=self.statsdir, **env)
         self.logpath = logpath
         self.logf = open(logpath, "w")
         self.t_start = time.monotonic()

@@ -54,6 +54,9 @@ UDP_SERVERS = {
     "sv-udp": SV + " --listen dns=udp://$HOST:$UDP_PORT -- $HELLO",
     "node-udp": "node $BENCH/node/cluster.js",
 }
+# servers whose session leader does not dispatch (kernel balancing): no
+# "master CPU per connection" for them
+NO_DISPATCHER = {"reuseport"}
 READY_SERVER = SV + " -- $HELLO"
 STARTUP_REF = "$HELLO --reuseport $HOST:$PORT --processes $WORKERS"
 LONG_SERVER = SV + " --dispatch round-robin -- $HELLO"
@@ -182,7 +185,7 @@ def derive(rec):
     if not req:
         return
     rec["server_us_per_req"] = 1e6 * rec["server_cpu_s"] / req
-    if rec.get("master_cpu_s") is None or rec.get("n_workers_seen", 0) == 0:
+    if rec.get("master_cpu_s") is None or rec.get("n_workers_seen", 0) == 0 or rec["server"] in NO_DISPATCHER:
         return
     rec["master_us_per_req"] = 1e6 * rec["master_cpu_s"] / req
     if rec["load"] == "close":
