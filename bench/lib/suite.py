@@ -39,8 +39,9 @@ ROOT = os.path.dirname(BENCH)
 
 # Server command templates. The harness runs them with bash -c in their own
 # session, with HOST, PORT, UDP_PORT, WORKERS, SOCKVISOR, HELLO, REFSERVER,
-# BENCH and BENCH_STATS_DIR in the environment.
-SV = "$SOCKVISOR --listen web=tcp://$HOST:$PORT --workers $WORKERS"
+# BENCH, BENCH_STATS_DIR and SV_EXTRA (extra sockvisor flags: --sv-args, and
+# --control PATH with --status) in the environment.
+SV = "$SOCKVISOR --listen web=tcp://$HOST:$PORT --workers $WORKERS $SV_EXTRA"
 HTTP_SERVERS = {
     "sv-rr": SV + " --dispatch round-robin -- $HELLO",
     "sv-shared": SV + " --dispatch shared -- $HELLO",
@@ -96,7 +97,7 @@ class Ctx:
         self.out = out
         self.jl = open(os.path.join(out, "runs.jsonl"), "a")
         self.env = {"HOST": a.host, "BENCH": BENCH, "SOCKVISOR": a.sockvisor, "HELLO": a.hello,
-                    "REFSERVER": a.stand_in or ""}
+                    "REFSERVER": a.stand_in or "", "SV_EXTRA": a.sv_args}
 
     def write(self, rec):
         self.jl.write(json.dumps(rec) + "\n")
@@ -145,6 +146,10 @@ def measured_run(ctx, part, name, cmd, workers, load, rep):
         udp_port = H.free_port(a.host, socket.SOCK_DGRAM)
         env["UDP_PORT"] = str(udp_port)
     tag = f"{name}.w{workers}.{load}.{rep}"
+    control = None
+    if a.status and "$SOCKVISOR" in cmd:
+        control = os.path.join(tempfile.mkdtemp(prefix="bench-control-"), "control.sock")
+        env["SV_EXTRA"] = f"{env['SV_EXTRA']} --control {control}"
     srv = H.Server(cmd, env, ROOT, os.path.join(ctx.out, f"{tag}.server.log"))
     try:
         rec["t_serving_s"] = srv.wait_http(a.host, port, a.ready_timeout)
@@ -168,8 +173,12 @@ def measured_run(ctx, part, name, cmd, workers, load, rep):
         rec.update(r)
         rec.update(win.close(master, ccpu))
         rec["ok"] = r.get("rps") is not None and (r.get("requests") or 0) > 0
+        if control:
+            rec.update(sv_status(a, control))
     finally:
         rec["clean_stop"], st = srv.stop(a.stop_grace)
+        if control:
+            shutil.rmtree(os.path.dirname(control), ignore_errors=True)
     rec["worker_stats"] = {str(k): v for k, v in st.items()}
     rec["stats_conns"] = sum(v[0] for v in st.values()) if st else None
     rec["stats_reqs"] = sum(v[1] for v in st.values()) if st else None
@@ -177,6 +186,22 @@ def measured_run(ctx, part, name, cmd, workers, load, rep):
     rec["bal_reqs"], rec["req_shares"] = H.balance([v[1] for v in st.values()])
     derive(rec)
     return rec
+
+
+def sv_status(a, control):
+    """Per-worker `dispatched` counts from `sockvisor status --json --control PATH`
+    (optional, --status). Best effort: a failure is recorded, not fatal."""
+    try:
+        res = subprocess.run([a.sockvisor, "status", "--json", "--control", control], capture_output=True,
+                             text=True, timeout=5, check=False)
+        doc = json.loads(res.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        return {"status_error": str(e)[:200]}
+    st = doc.get("status", doc) if isinstance(doc, dict) else {}
+    disp = [w.get("dispatched") for w in st.get("workers", []) if isinstance(w, dict)]
+    disp = [d for d in disp if isinstance(d, int)]
+    bal, shares = H.balance(disp)
+    return {"status_dispatched": disp, "bal_dispatched": bal, "dispatched_shares": shares}
 
 
 def derive(rec):
@@ -195,12 +220,16 @@ def derive(rec):
 
 
 def run_line(r):
-    bal = r.get("bal_conns") if r["load"] == "close" else r.get("bal_reqs")
-    sh = r.get("conn_shares") if r["load"] == "close" else r.get("req_shares")
+    # close: per-worker connections; keepalive: requests; udp: worker CPU (the
+    # stats files count TCP only)
+    bk, sk = {"close": ("bal_conns", "conn_shares"), "keepalive": ("bal_reqs", "req_shares"),
+              "udp": ("bal_cpu", "cpu_shares")}[r["load"]]
+    bal, sh = r.get(bk), r.get(sk)
     return (f"#   {r['server']:<10} w={r['workers']} {r['load']:<9} rep={r['rep']} "
             f"rps={H.fmt(r.get('rps'), '.0f')} p50={H.fmt(r.get('p50'), '.2f')} "
             f"p99={H.fmt(r.get('p99'), '.2f')}ms err={r.get('errors')} bal={H.fmt(bal, '.2f')} "
             f"[{'/'.join(f'{s:.0f}' for s in sh or [])}] "
+            + (f"bal_dispatched={H.fmt(r.get('bal_dispatched'), '.3f')} " if "bal_dispatched" in r else "") +
             f"mstr_us/conn={H.fmt(r.get('master_us_per_conn'), '.1f')} "
             f"mstr_hwm={H.fmt(r.get('master_hwm_mb'), '.1f')}MB "
             f"srv_us/req={H.fmt(r.get('server_us_per_req'), '.1f')} "
@@ -381,6 +410,9 @@ def main():
                          "reference (harness validation only; figures are not sockvisor's)")
     ap.add_argument("--sockvisor", default=os.path.join(ROOT, "target/release/sockvisor"))
     ap.add_argument("--hello", default=os.path.join(ROOT, "target/release/examples/hello"))
+    ap.add_argument("--sv-args", default="", help="extra flags for every sockvisor command (word-split)")
+    ap.add_argument("--status", action="store_true",
+                    help="also read per-worker `dispatched` counts with `sockvisor status --json --control PATH`")
     ap.add_argument("--servers", default=None, help="comma list of http server names to run (default all)")
     ap.add_argument("--loads", default="close,keepalive")
     ap.add_argument("-n", "--runs", type=int, help="repetitions")
@@ -439,6 +471,11 @@ def main():
             ap.error(f"unknown server(s) {unknown}; known: {', '.join(http_servers)}")
         http_servers = {k: v for k, v in http_servers.items() if k in want}
 
+    used = list(http_servers.values()) * ("http" in parts) + list(udp_servers.values()) * ("udp" in parts) \
+        + [ready_cmd, startup_ref] * ("ready" in parts) + [long_cmd] * ("long" in parts)
+    for var, path in (("$SOCKVISOR", a.sockvisor), ("$HELLO", a.hello)):
+        if any(var in c for c in used) and not os.access(path, os.X_OK):
+            ap.error(f"{path} is missing or not executable (build it, or check the harness with --stand-in)")
     out = a.out or os.path.join(BENCH, "results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     ctx = Ctx(a, out)
