@@ -7,7 +7,8 @@ least foreign CPU + steal is used. Runs with steal > 3% or foreign CPU > 5% are
 left out of the medians, unless that would leave a config with no run at all:
 then they are used and the row is marked with a dagger. Ratios are taken per
 repetition (both runs in the same repetition, minutes apart at most), then the
-median of those ratios is shown.
+median of those ratios is shown; only repetitions where both runs are clean
+count, unless there is none (then all, and the ratio is marked with a dagger).
 """
 import argparse
 import json
@@ -47,20 +48,27 @@ class Sel:
     def __init__(self, recs):
         self.recs = recs
 
+    def all_ok(self, part, server, workers, load):
+        return [r for r in self.recs if r.get("part") == part and r.get("server") == server
+                and r.get("workers") == workers and r.get("load") == load and r.get("ok")]
+
     def rows(self, part, server, workers, load):
         """(runs used, True if contaminated runs had to be used)."""
-        rs = [r for r in self.recs if r.get("part") == part and r.get("server") == server
-              and r.get("workers") == workers and r.get("load") == load and r.get("ok")]
+        rs = self.all_ok(part, server, workers, load)
         clean = [r for r in rs if not dirty(r)]
         return (clean, False) if clean or not rs else (rs, True)
 
-    def ratio(self, part, x, b, workers, load, key, bworkers=None):
-        xs, _ = self.rows(part, x, workers, load)
-        bs, _ = self.rows(part, b, bworkers or workers, load)
-        bb = {r["rep"]: r for r in bs}
-        vals = [r[key] / bb[r["rep"]][key] for r in xs
-                if r["rep"] in bb and r.get(key) and bb[r["rep"]].get(key)]
-        return (med(vals), min(vals), max(vals)) if vals else (None, None, None)
+    def ratio(self, part, x, b, workers, load, key):
+        """Median (min, max) of x/b over repetitions where both ran; only pairs
+        where both runs are clean, unless there is no such pair (then all
+        pairs, flagged). Returns (median, min, max, flagged)."""
+        bb = {r["rep"]: r for r in self.all_ok(part, b, workers, load)}
+        pairs = [(r, bb[r["rep"]]) for r in self.all_ok(part, x, workers, load)
+                 if r["rep"] in bb and r.get(key) and bb[r["rep"]].get(key)]
+        clean = [(p, q) for p, q in pairs if not dirty(p) and not dirty(q)]
+        use, flagged = (clean, False) if clean else (pairs, bool(pairs))
+        vals = [p[key] / q[key] for p, q in use]
+        return (med(vals), min(vals), max(vals), flagged) if vals else (None, None, None, False)
 
 
 def shares_of(rs, bk, sk):
@@ -126,7 +134,7 @@ def render(d):
                         f"| {'-' if is_ref else fmt(med([r.get('master_s_per_100k_conn') for r in rs]), '.2f')} "
                         f"| {fmt(med([r.get('server_us_per_req') for r in rs]), '.1f')} "
                         f"| {fmt(max((r.get('master_hwm_mb') or 0) for r in rs), '.2f')} "
-                        f"| {'1 (ref)' if is_ref else fmt(rr[0], '.3f')} "
+                        f"| {'1 (ref)' if is_ref else fmt(rr[0], '.3f') + (' †' if rr[3] else '')} "
                         f"| {'1 (ref)' if is_ref else fmt(pr[0], '.2f')} |")
         L.append("")
         L.append("| ratio (per-repetition, median (min-max)) | workers | load | req/s | p99 | server CPU µs/req |")
@@ -142,7 +150,7 @@ def render(d):
                         continue
                     pr = S.ratio("http", x, b, w, load, "p99")
                     cr = S.ratio("http", x, b, w, load, "server_us_per_req")
-                    L.append(f"| {x} / {b} | {w} | {load} | {rr[0]:.3f} ({rr[1]:.2f}-{rr[2]:.2f}) "
+                    L.append(f"| {x} / {b}{' †' if rr[3] else ''} | {w} | {load} | {rr[0]:.3f} ({rr[1]:.2f}-{rr[2]:.2f}) "
                              f"| {fmt(pr[0], '.2f')} | {fmt(cr[0], '.2f')} |")
         L.append("")
 
@@ -160,13 +168,13 @@ def render(d):
                     L.append(f"| {name} | {w} | 0 | (no successful run) |||||||")
                     continue
                 rps = [r["rps"] for r in rs]
-                rr = S.ratio("udp", name, "node-udp", w, "udp", "rps") if name != "node-udp" else (None,)
+                rr = S.ratio("udp", name, "node-udp", w, "udp", "rps") if name != "node-udp" else (None,) * 4
                 L.append(f"| {name}{' †' if flag else ''} | {w} | {len(rs)} | {med(rps):.0f} ({min(rps):.0f}-{max(rps):.0f}) "
                          f"| {fmt(med([r.get('p50') for r in rs]), '.3f')} | {fmt(med([r.get('p99') for r in rs]), '.3f')} "
                          f"| {sum(r.get('lost') or 0 for r in rs)} | {fmt(med([r.get('bal_cpu') for r in rs]), '.2f')} "
                          f"| {fmt(med([r.get('master_cpu_s') for r in rs]), '.2f')} "
                          f"| {fmt(med([r.get('client_cpu_pct') for r in rs]), '.0f')} "
-                         f"| {fmt(rr[0], '.3f')} |")
+                         f"| {fmt(rr[0], '.3f')}{' †' if rr[3] else ''} |")
         L.append("")
 
     if "ready" in cfg["parts"]:
@@ -223,19 +231,21 @@ def targets(cfg, S, recs):
     L.append("| target | measured | verdict |")
     L.append("|---|---|---|")
 
-    def verdict(v, ok):
-        return "n/a (not measured)" if v is None else ("met" if ok(v) else "NOT met")
+    def verdict(v, ok, flagged=False):
+        if v is None:
+            return "n/a (not measured)"
+        return ("met" if ok(v) else "NOT met") + (" († contaminated runs only)" if flagged else "")
 
     for w in a["worker_counts"]:
-        v = S.ratio("http", "sv-rr", REF, w, "close", "rps")[0]
-        L.append(f"| round robin close req/s ≥ 0.9x reuseport ({w} workers) | {fmt(v, '.3f')} | {verdict(v, lambda x: x >= 0.9)} |")
-        v = S.ratio("http", "sv-rr", "node-rr", w, "close", "rps")[0]
-        L.append(f"| round robin close req/s ≥ 4x node rr ({w} workers) | {fmt(v, '.2f')} | {verdict(v, lambda x: x >= 4)} |")
-        v = S.ratio("http", "sv-rr", REF, w, "keepalive", "rps")[0]
-        L.append(f"| round robin keep-alive req/s ≥ 0.95x reuseport ({w} workers) | {fmt(v, '.3f')} | {verdict(v, lambda x: x >= 0.95)} |")
-        rs, _ = S.rows("http", "sv-rr", w, "close")
+        v, _, _, fl = S.ratio("http", "sv-rr", REF, w, "close", "rps")
+        L.append(f"| round robin close req/s ≥ 0.9x reuseport ({w} workers) | {fmt(v, '.3f')} | {verdict(v, lambda x: x >= 0.9, fl)} |")
+        v, _, _, fl = S.ratio("http", "sv-rr", "node-rr", w, "close", "rps")
+        L.append(f"| round robin close req/s ≥ 4x node rr ({w} workers) | {fmt(v, '.2f')} | {verdict(v, lambda x: x >= 4, fl)} |")
+        v, _, _, fl = S.ratio("http", "sv-rr", REF, w, "keepalive", "rps")
+        L.append(f"| round robin keep-alive req/s ≥ 0.95x reuseport ({w} workers) | {fmt(v, '.3f')} | {verdict(v, lambda x: x >= 0.95, fl)} |")
+        rs, fl = S.rows("http", "sv-rr", w, "close")
         v = med([r.get("master_us_per_conn") for r in rs])
-        L.append(f"| sockvisor CPU ≤ 10 µs per dispatched connection ({w} workers) | {fmt(v, '.1f')} | {verdict(v, lambda x: x <= 10)} |")
+        L.append(f"| sockvisor CPU ≤ 10 µs per dispatched connection ({w} workers) | {fmt(v, '.1f')} | {verdict(v, lambda x: x <= 10, fl)} |")
     bal = [r for r in recs if r.get("part") == "long" and r.get("kind") == "balance" and r.get("ok")]
     for r in bal:
         v = r.get("bal_conns")
