@@ -144,14 +144,20 @@ def run_perf(a):
            "master_cpu_us_per_conn": 1e6 * (p1["cpu"] - p0["cpu"]) / max(1, c["ok"])}
     with open(outf) as f:
         for line in f:
-            parts = line.strip().split(",")
-            if len(parts) > 2 and parts[2] in ("instructions", "cycles", "task-clock") or \
-               (len(parts) > 2 and parts[2].startswith(("instructions", "cycles"))):
-                try:
-                    res[parts[2]] = float(parts[0])
-                    res[parts[2] + "_per_conn"] = float(parts[0]) / a.conns
-                except ValueError:
-                    res[parts[2]] = parts[0]  # "<not supported>" in most VMs
+            parts = line.strip().split(",")  # value,unit,event,...
+            if len(parts) < 3 or not parts[2].startswith(("instructions", "cycles", "task-clock")):
+                continue
+            ev = parts[2]
+            try:
+                val = float(parts[0])
+            except ValueError:
+                res[ev] = parts[0]  # "<not supported>" in most VMs
+                continue
+            res[ev] = val
+            if ev == "task-clock" and parts[1] == "msec":
+                res["task_clock_us_per_conn"] = 1e3 * val / a.conns
+            else:
+                res[ev + "_per_conn"] = val / a.conns
     return res
 
 
