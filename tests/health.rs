@@ -568,3 +568,26 @@ fn interop_python_systemd_daemon() {
         "systemd.daemon ",
     );
 }
+
+#[test]
+fn extend_timeout_usec_gives_a_slow_worker_more_time_to_get_ready() {
+    let port = free_port();
+    let mut notify = NotifySocket::new();
+    let fleet = fleet(
+        1,
+        port,
+        &["--ready", "notify", "--ready-timeout", "400ms"],
+        probe(),
+    )
+    .env("PROBE_NOTIFY_AT_START", "EXTEND_TIMEOUT_USEC=5000000")
+    .env("PROBE_READY_DELAY", "1.2")
+    .notify(&notify)
+    .start();
+    notify
+        .wait_for("READY=1", T)
+        .unwrap_or_else(|| panic!("no READY=1: {}", fleet.log()));
+    let log = fleet.log();
+    assert!(!log.contains("not ready within"), "{log}");
+    assert_eq!(started_pids(&log, 0).len(), 1, "{log}");
+    assert!(tcp_request(port, b"hi\n").unwrap().starts_with("probe "));
+}

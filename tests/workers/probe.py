@@ -8,7 +8,8 @@ TCP (a listening socket, or a sockvisor channel: SOCK_SEQPACKET) answers
 Knobs: PROBE_EXIT=N exits at once with N; PROBE_IGNORE_TERM=1 ignores SIGTERM;
 PROBE_NO_READY=1 never sends READY=1; PROBE_READY_DELAY=seconds, or a comma-separated list
 indexed by worker id (the last entry for higher ids).
-Health knobs (tests/health.rs): PROBE_NOTIFY_AFTER_READY=<datagram> is sent once READY=1 is
+Health knobs (tests/health.rs): PROBE_NOTIFY_AT_START=<datagram> is sent before the ready
+delay; PROBE_NOTIFY_AFTER_READY=<datagram> is sent once READY=1 is
 (raw bytes, any content); with PROBE_NOTIFY_ONCE=1 only by the first worker of the fleet to get
 there (a flag file in $PROBE_DIR); PROBE_BIG=1 then sends a 64 KiB datagram
 ("STATUS=big\n" + padding) and "STATUS=after big"; PROBE_WATCHDOG=1 sends WATCHDOG=1 every
@@ -103,6 +104,8 @@ def answer(conn):
 sel = selectors.DefaultSelector()
 for s in socks:
     sel.register(s, selectors.EVENT_READ)
+if os.environb.get(b"PROBE_NOTIFY_AT_START") is not None:
+    notify(os.environb[b"PROBE_NOTIFY_AT_START"])
 if os.environ.get("PROBE_NO_READY") != "1":
     delays = os.environ.get("PROBE_READY_DELAY", "0").split(",")
     delay = delays[min(int(wid), len(delays) - 1)] if wid.isdigit() else delays[-1]
