@@ -213,8 +213,8 @@ impl Supervisor {
         {
             self.health.triggered = true;
             log::error!(
-                "fleet unhealthy for {}s: asking systemd to restart the service (WATCHDOG=trigger)",
-                self.config.unhealthy_grace.as_secs()
+                "fleet unhealthy for {:?}: asking systemd to restart the service (WATCHDOG=trigger)",
+                self.config.unhealthy_grace
             );
             self.upstream
                 .watchdog_trigger("unhealthy: no healthy workers");
