@@ -591,3 +591,32 @@ fn extend_timeout_usec_gives_a_slow_worker_more_time_to_get_ready() {
     assert_eq!(started_pids(&log, 0).len(), 1, "{log}");
     assert!(tcp_request(port, b"hi\n").unwrap().starts_with("probe "));
 }
+
+#[test]
+fn a_worker_that_says_stopping_but_lingers_is_killed_after_the_stop_timeout() {
+    // systemd treats STOPPING=1 as if it had sent SIGTERM: the stop timeout runs, then SIGKILL.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(
+        1,
+        port,
+        &["--ready", "notify", "--stop-timeout", "500ms"],
+        probe(),
+    )
+    .env("PROBE_DIR", dir.path())
+    .env("PROBE_NOTIFY_AFTER_READY", "STOPPING=1")
+    .env("PROBE_NOTIFY_ONCE", "1")
+    .start();
+    fleet.wait_log("is stopping (STOPPING=1)", T);
+    fleet.wait_log("did not stop within the stop timeout; sending SIGKILL", T);
+    fleet.wait_log("killed by SIGKILL", T);
+    let deadline = Instant::now() + T;
+    while fleet.log().matches("worker 0 ready").count() < 2 {
+        assert!(Instant::now() < deadline, "not replaced: {}", fleet.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = started_pids(&fleet.log(), 0);
+    assert_eq!(pids.len(), 2, "{}", fleet.log());
+    assert!(!alive(pids[0]));
+    assert_eq!(reply_pid(&tcp_request(port, b"hi\n").unwrap()), pids[1]);
+}
