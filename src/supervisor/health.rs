@@ -78,6 +78,7 @@ impl Supervisor {
     }
 
     fn apply_notification(&mut self, pid: Pid, n: Notification, now: Instant) {
+        let stop_timeout = self.config.stop_timeout;
         let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
             return;
         };
@@ -89,17 +90,8 @@ impl Supervisor {
             w.watchdog = (usec > 0).then(|| Duration::from_micros(usec));
             w.watchdog_deadline = w.watchdog.map(|d| now + d);
         }
-        if n.watchdog && w.state != WorkerState::Draining {
+        if n.watchdog && w.state != WorkerState::Draining && !w.said_stopping {
             w.watchdog_deadline = w.watchdog.map(|d| now + d);
-        }
-        if let Some(usec) = n.extend_timeout_usec {
-            let until = now + Duration::from_micros(usec);
-            if let Some(d) = w.ready_deadline.as_mut() {
-                *d = (*d).max(until);
-            }
-            if let Some(d) = w.kill_at.as_mut() {
-                *d = (*d).max(until);
-            }
         }
         if n.ready && w.state == WorkerState::Starting {
             w.state = WorkerState::Ready;
@@ -117,11 +109,31 @@ impl Supervisor {
         if n.stopping && !w.said_stopping {
             // Never forwarded upstream: a worker stopping is not the service stopping.
             w.said_stopping = true;
+            // As systemd does: as if it had been sent SIGTERM. Its watchdog stops, and the
+            // stop timeout runs (SIGKILL then): a worker that says it stops but lingers
+            // would hold its slot forever.
+            w.watchdog_deadline = None;
+            w.ready_deadline = None;
+            if w.state != WorkerState::Draining {
+                w.kill_at = Some(now + stop_timeout);
+            }
             log::info!(
                 "worker {} (pid {pid}) is stopping (STOPPING=1); no more connections for it",
                 w.slot
             );
             self.fleet_changed();
+        }
+        // After STOPPING=1 (systemd's order), so one datagram with both extends the stop.
+        if let Some(usec) = n.extend_timeout_usec {
+            if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
+                let until = now + Duration::from_micros(usec);
+                if let Some(d) = w.ready_deadline.as_mut() {
+                    *d = (*d).max(until);
+                }
+                if let Some(d) = w.kill_at.as_mut() {
+                    *d = (*d).max(until);
+                }
+            }
         }
         if n.watchdog_trigger {
             self.murder(
@@ -201,8 +213,8 @@ impl Supervisor {
         {
             self.health.triggered = true;
             log::error!(
-                "fleet unhealthy for {}s: asking systemd to restart the service (WATCHDOG=trigger)",
-                self.config.unhealthy_grace.as_secs()
+                "fleet unhealthy for {:?}: asking systemd to restart the service (WATCHDOG=trigger)",
+                self.config.unhealthy_grace
             );
             self.upstream
                 .watchdog_trigger("unhealthy: no healthy workers");

@@ -204,10 +204,14 @@ impl Supervisor {
         if is_current {
             self.slots[slot].current = None;
         }
+        // A worker stopped for a health reason (ready timeout, watchdog) failed, even when it
+        // then said STOPPING=1 and exited 0 as a well-behaved SIGTERM handler does: otherwise
+        // a worker that never gets ready is replaced at once, forever, without backoff.
         let expected = matches!(self.phase, Phase::Stopping { .. })
             || worker.retired
-            || (worker.state == WorkerState::Draining && !worker.unhealthy)
-            || (worker.said_stopping && matches!(status, WaitStatus::Exited(_, 0)));
+            || (!worker.unhealthy
+                && (worker.state == WorkerState::Draining
+                    || (worker.said_stopping && matches!(status, WaitStatus::Exited(_, 0)))));
         if expected {
             log::info!("worker {slot} (pid {pid}) {}", describe(status));
             if is_current && !matches!(self.phase, Phase::Stopping { .. }) && !worker.retired {

@@ -6,9 +6,19 @@ opening /proc/self/fd, environment), writes that to $PROBE_DIR/<pid>.json, then 
 TCP (a listening socket, or a sockvisor channel: SOCK_SEQPACKET) answers
 "probe <worker id> <pid>\n" and closes; UDP echoes "probe <id> <pid>: <data>".
 Knobs: PROBE_EXIT=N exits at once with N; PROBE_IGNORE_TERM=1 ignores SIGTERM;
-PROBE_NO_READY=1 never sends READY=1; PROBE_READY_DELAY=seconds.
+PROBE_NO_READY=1 never sends READY=1; PROBE_READY_DELAY=seconds, or a comma-separated list
+indexed by worker id (the last entry for higher ids).
+Health knobs (tests/health.rs): PROBE_NOTIFY_AT_START=<datagram> is sent before the ready
+delay; PROBE_NOTIFY_AFTER_READY=<datagram> is sent once READY=1 is
+(raw bytes, any content); with PROBE_NOTIFY_ONCE=1 only by the first worker of the fleet to get
+there (a flag file in $PROBE_DIR); PROBE_BIG=1 then sends a 64 KiB datagram
+("STATUS=big\n" + padding) and "STATUS=after big"; PROBE_WATCHDOG=1 sends WATCHDOG=1 every
+WATCHDOG_USEC/2, PROBE_WATCHDOG_PINGS=N only N times. Core dumps are off (RLIMIT_CORE 0), so a
+SIGABRT leaves no core file behind.
 """
-import array, json, os, selectors, signal, socket, stat, sys, time
+import array, json, os, resource, selectors, signal, socket, stat, sys, time
+
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 if "PROBE_EXIT" in os.environ:
     sys.exit(int(os.environ["PROBE_EXIT"]))
@@ -69,7 +79,18 @@ def notify(msg):
     if path.startswith("@"):
         path = "\0" + path[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(msg.encode(), path)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.sendto(msg if isinstance(msg, bytes) else msg.encode(), path)
+
+def first_in_fleet():
+    """True for the first worker of the fleet to ask (PROBE_NOTIFY_ONCE)."""
+    if os.environ.get("PROBE_NOTIFY_ONCE") != "1" or not d:
+        return True
+    try:
+        os.close(os.open(os.path.join(d, "notified.flag"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 def answer(conn):
     try:
@@ -83,12 +104,36 @@ def answer(conn):
 sel = selectors.DefaultSelector()
 for s in socks:
     sel.register(s, selectors.EVENT_READ)
+if os.environb.get(b"PROBE_NOTIFY_AT_START") is not None:
+    notify(os.environb[b"PROBE_NOTIFY_AT_START"])
 if os.environ.get("PROBE_NO_READY") != "1":
-    time.sleep(float(os.environ.get("PROBE_READY_DELAY", "0")))
+    delays = os.environ.get("PROBE_READY_DELAY", "0").split(",")
+    delay = delays[min(int(wid), len(delays) - 1)] if wid.isdigit() else delays[-1]
+    time.sleep(float(delay))
     notify("READY=1\nSTATUS=probe serving")
+    after = os.environb.get(b"PROBE_NOTIFY_AFTER_READY")
+    if after is not None and first_in_fleet():
+        notify(after)
+    if os.environ.get("PROBE_BIG") == "1":
+        notify(b"STATUS=big\n" + b"x" * (64 * 1024 - len(b"STATUS=big\n")))
+        notify("STATUS=after big")
+
+watchdog_every = None
+pings_left = int(os.environ.get("PROBE_WATCHDOG_PINGS", "-1"))
+if os.environ.get("PROBE_WATCHDOG") == "1" and os.environ.get("WATCHDOG_USEC"):
+    watchdog_every = int(os.environ["WATCHDOG_USEC"]) / 2e6
+next_ping = time.monotonic()
 
 while True:
-    for key, _ in sel.select():
+    timeout = None
+    if watchdog_every is not None and pings_left != 0:
+        now = time.monotonic()
+        if now >= next_ping:
+            notify("WATCHDOG=1")
+            pings_left -= 1
+            next_ping = now + watchdog_every
+        timeout = max(0.0, next_ping - time.monotonic()) if pings_left != 0 else None
+    for key, _ in sel.select(timeout):
         s = key.fileobj
         if s.type == socket.SOCK_SEQPACKET:
             fds = array.array("i")
