@@ -897,13 +897,33 @@ fn scenario_workers_dropin() {
 /// (1 s) and gets SIGABRT, which stays pending while it is stopped; it is Draining (not
 /// healthy) until the SIGKILL at `stop_timeout` (20 s), long after systemd's WatchdogSec=3.
 /// So only systemd can end this, which is what the scenario checks.
+///
+/// Two variants: `unhealthy_grace = "1s"` ends in sockvisor's `WATCHDOG=trigger` ("Watchdog
+/// request"); `unhealthy_grace = "60s"` leaves it to the withheld pings ("Watchdog timeout").
 #[test]
 fn scenario_fleet_watchdog() {
+    fleet_watchdog("scenario_fleet_watchdog", "1s", "Watchdog request");
+}
+
+#[test]
+fn scenario_fleet_watchdog_no_trigger() {
+    fleet_watchdog(
+        "scenario_fleet_watchdog_no_trigger",
+        "60s",
+        "Watchdog timeout",
+    );
+}
+
+fn fleet_watchdog(test: &str, grace: &str, systemd_says: &str) {
     let _lock = serial();
-    if !gate("scenario_fleet_watchdog", &[]) {
+    if !gate(test, &[]) {
         return;
     }
-    let f = Fleet::new("watchdog");
+    let f = Fleet::new(if grace == "1s" {
+        "watchdog"
+    } else {
+        "wdtimeout"
+    });
     f.sb.write(
         "/etc/systemd/system/myapp.service.d/watchdog.conf",
         &format!(
@@ -916,8 +936,10 @@ fn scenario_fleet_watchdog() {
         &sockvisor_config(
             f.port,
             2,
-            "worker_watchdog = \"1s\"\nmin_healthy = 2\nunhealthy_grace = \"1s\"\n\
-             stop_timeout = \"20s\"\n",
+            &format!(
+                "worker_watchdog = \"1s\"\nmin_healthy = 2\nunhealthy_grace = \"{grace}\"\n\
+                 stop_timeout = \"20s\"\n"
+            ),
         ),
     );
     f.sb.exec(&["systemctl", "daemon-reload"]);
@@ -950,17 +972,19 @@ fn scenario_fleet_watchdog() {
         "{journal}"
     );
     assert!(journal.contains("withholding watchdog pings"), "{journal}");
-    // systemd's side: a missed ping ("Watchdog timeout") or sockvisor's WATCHDOG=trigger
-    // ("Watchdog request"), whichever came first
-    assert!(
-        journal.contains("Watchdog timeout") || journal.contains("Watchdog request"),
-        "{journal}"
-    );
+    // systemd's side: sockvisor's WATCHDOG=trigger ("Watchdog request") or the missed pings
+    // ("Watchdog timeout")
+    assert!(journal.contains(systemd_says), "{journal}");
+    for line in journal.lines().filter(|l| {
+        l.contains("Watchdog") || l.contains("fleet unhealthy") || l.contains("WATCHDOG=trigger")
+    }) {
+        eprintln!("[e2e] watchdog: {line}");
+    }
     for pid in &old {
         assert!(!f.sb.alive(*pid), "hung worker {pid} survived the restart");
     }
     assert_eq!(f.sb.prop("myapp.service", "NRestarts"), "1");
-    f.done("scenario_fleet_watchdog");
+    f.done(test);
 }
 
 /// `systemctl restart` under a client loop: no connection refused.
