@@ -9,8 +9,9 @@
 //! matched to a single configured listener by position.
 //!
 //! Blocking mode: `O_NONBLOCK` lives on the open file description, which a worker shares in
-//! `shared` mode. Passed fds keep the mode systemd gave them (blocking, unless the socket unit
-//! says otherwise); the supervisor decides. Sockets sockvisor binds itself are non-blocking
+//! `shared` mode. Passed fds that sockvisor accepts on (a dispatch policy) are made
+//! non-blocking; the others keep the mode systemd gave them (blocking, unless the socket unit
+//! says otherwise). Sockets sockvisor binds itself are non-blocking
 //! when sockvisor accepts on them (a dispatch policy) and blocking when the workers accept or
 //! read on them (`shared`, and every datagram socket), as an unmodified program expects.
 
@@ -241,10 +242,12 @@ pub fn listeners(
     let mut out = Vec::new();
     if specs.is_empty() {
         for (fd, name, kind, address) in checked.into_iter().flatten() {
+            let policy = resolve_policy(kind, default_policy);
+            set_accept_mode(&fd, &name, policy)?;
             out.push(Listener {
                 name,
                 kind,
-                policy: resolve_policy(kind, default_policy),
+                policy,
                 fd,
                 address,
                 from_systemd: true,
@@ -291,10 +294,12 @@ pub fn listeners(
                     spec.name
                 );
             }
+            let policy = resolve_policy(kind, spec.policy);
+            set_accept_mode(&fd, &name, policy)?;
             out.push(Listener {
                 name: spec.name.clone(),
                 kind,
-                policy: resolve_policy(kind, spec.policy),
+                policy,
                 fd,
                 address,
                 from_systemd: true,
@@ -318,6 +323,30 @@ pub fn listeners(
         drop(fd);
     }
     Ok(out)
+}
+
+/// A passed socket that sockvisor accepts on (a dispatch policy) must be non-blocking: systemd
+/// passes blocking sockets, and the event loop accepts until `EAGAIN`, so a blocking one
+/// would park the whole loop in `accept4` (no signals, timers or watchdog pings) until the
+/// next connection. Sockets the workers use themselves (`shared`) keep systemd's mode.
+fn set_accept_mode(
+    fd: &OwnedFd,
+    name: &str,
+    policy: DispatchPolicy,
+) -> Result<(), ActivationError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if policy == DispatchPolicy::Shared {
+        return Ok(());
+    }
+    let set = fcntl(fd, FcntlArg::F_GETFL)
+        .map(OFlag::from_bits_truncate)
+        .and_then(|fl| fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)));
+    set.map(drop).map_err(|e| {
+        ActivationError(format!(
+            "fd {} ({name:?}) passed by systemd: cannot make it non-blocking: {e}",
+            fd.as_raw_fd()
+        ))
+    })
 }
 
 fn somaxconn() -> i32 {
@@ -710,6 +739,31 @@ mod tests {
         assert_eq!(ls[0].policy, DispatchPolicy::LeastConnections);
         assert_eq!(ls[1].policy, DispatchPolicy::Shared);
         assert!(ls[0].address.starts_with("127.0.0.1:"));
+    }
+
+    /// systemd passes blocking sockets: the ones sockvisor accepts on become non-blocking (or
+    /// the event loop would block in accept4), the ones workers use keep systemd's mode.
+    #[test]
+    fn passed_fds_accept_mode() {
+        let fds = [tcp_fd(), tcp_fd(), udp_fd()];
+        assert!(fds.iter().all(|fd| !nonblocking(fd)));
+        let [a, b, c] = fds;
+        let ls = listeners(
+            vec![(a, "web".into()), (b, "admin".into()), (c, "dns".into())],
+            &[
+                spec("web", None, DispatchPolicy::RoundRobin),
+                spec("admin", None, DispatchPolicy::Shared),
+                spec("dns", None, DispatchPolicy::RoundRobin),
+            ],
+            DispatchPolicy::RoundRobin,
+        )
+        .unwrap();
+        assert!(nonblocking(&ls[0].fd));
+        assert!(!nonblocking(&ls[1].fd));
+        assert!(!nonblocking(&ls[2].fd));
+        // without configured listeners too
+        let ls = listeners(vec![(tcp_fd(), "x".into())], &[], DispatchPolicy::IpHash).unwrap();
+        assert!(nonblocking(&ls[0].fd));
     }
 
     /// Runs only as the child of `take_from_env_in_a_child`: takes the fds and prints them.

@@ -448,6 +448,17 @@ fn udp_echo(port: u16, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     Err(last.expect("error"))
 }
 
+/// hello echoes a datagram as `worker <id> (pid <pid>): <payload>`.
+fn assert_udp_echo(port: u16, payload: &[u8]) {
+    let reply = udp_echo(port, payload).expect("udp echo");
+    let (head, echoed) = reply.split_at(reply.len().saturating_sub(payload.len()));
+    assert!(
+        echoed == payload && text(head).starts_with("worker "),
+        "bad UDP echo: {:?}",
+        text(&reply)
+    );
+}
+
 #[derive(Debug, Default, Clone)]
 struct LoopStats {
     ok: u64,
@@ -546,11 +557,17 @@ fn socket_units(port: u16) -> (String, String) {
     (web, dns)
 }
 
+/// The fleet's config: `extra` lines go before the listeners (and may set `stop_timeout`).
 fn sockvisor_config(port: u16, workers: usize, extra: &str) -> String {
+    let stop = if extra.contains("stop_timeout") {
+        ""
+    } else {
+        "stop_timeout = \"5s\"\n"
+    };
     format!(
         "command = [\"/usr/local/bin/hello\"]\n\
          workers = {workers}\n\
-         stop_timeout = \"5s\"\n\
+         {stop}\
          {extra}\n\
          [[listen]]\nname = \"web\"\nurl = \"tcp://127.0.0.1:{port}\"\n\n\
          [[listen]]\nname = \"dns\"\nurl = \"udp://127.0.0.1:{port}\"\n"
@@ -786,10 +803,7 @@ fn scenario_socket_activation() {
         pids.is_subset(&f.sb.children(main)),
         "answers not from sockvisor's workers"
     );
-    assert_eq!(
-        udp_echo(f.port, b"sockvisor-udp").expect("udp"),
-        b"sockvisor-udp"
-    );
+    assert_udp_echo(f.port, b"sockvisor-udp");
     let show = f.sb.show("myapp.service", "StatusText,MainPID,ActiveState");
     assert_eq!(show["ActiveState"], "active");
     assert!(
@@ -802,12 +816,13 @@ fn scenario_socket_activation() {
     );
     // the control socket in $RUNTIME_DIRECTORY, as `sockvisor status --json` sees it
     f.sb.exec(&["test", "-S", "/run/myapp/control.sock"]);
+    // (a shell has no $RUNTIME_DIRECTORY: name the socket with --control)
     let status = f.sb.exec(&[
-        "env",
-        "RUNTIME_DIRECTORY=/run/myapp",
         "sockvisor",
         "status",
         "--json",
+        "--control",
+        "/run/myapp/control.sock",
     ]);
     let v: serde_json::Value = serde_json::from_str(&status)
         .unwrap_or_else(|e| panic!("sockvisor status --json: {e}: {status:?}"));
@@ -873,32 +888,68 @@ fn scenario_workers_dropin() {
     f.done("scenario_workers_dropin");
 }
 
-/// All workers hang (SIGSTOP): sockvisor stops its WATCHDOG=1 pings, systemd kills and
-/// restarts it (NRestarts=1); the socket keeps accepting meanwhile (no connection refused).
+/// All workers hang (SIGSTOP): sockvisor's worker watchdog notices, the fleet stays below
+/// `min_healthy`, sockvisor withholds its WATCHDOG=1 pings (and sends WATCHDOG=trigger after
+/// `unhealthy_grace`), systemd kills and restarts the service (NRestarts=1); the socket keeps
+/// accepting meanwhile (no connection refused) and the hung workers are gone.
+///
+/// Why the fleet stays unhealthy long enough: a SIGSTOPped worker misses its worker watchdog
+/// (1 s) and gets SIGABRT, which stays pending while it is stopped; it is Draining (not
+/// healthy) until the SIGKILL at `stop_timeout` (20 s), long after systemd's WatchdogSec=3.
+/// So only systemd can end this, which is what the scenario checks.
+///
+/// Two variants: `unhealthy_grace = "1s"` ends in sockvisor's `WATCHDOG=trigger` ("Watchdog
+/// request"); `unhealthy_grace = "60s"` leaves it to the withheld pings ("Watchdog timeout").
 #[test]
 fn scenario_fleet_watchdog() {
+    fleet_watchdog("scenario_fleet_watchdog", "1s", "Watchdog request");
+}
+
+#[test]
+fn scenario_fleet_watchdog_no_trigger() {
+    fleet_watchdog(
+        "scenario_fleet_watchdog_no_trigger",
+        "60s",
+        "Watchdog timeout",
+    );
+}
+
+fn fleet_watchdog(test: &str, grace: &str, systemd_says: &str) {
     let _lock = serial();
-    if !gate("scenario_fleet_watchdog", &[]) {
+    if !gate(test, &[]) {
         return;
     }
-    let f = Fleet::new("watchdog");
+    let f = Fleet::new(if grace == "1s" {
+        "watchdog"
+    } else {
+        "wdtimeout"
+    });
     f.sb.write(
         "/etc/systemd/system/myapp.service.d/watchdog.conf",
-        &unit_file("examples/watchdog.conf").replace("WatchdogSec=5", "WatchdogSec=3"),
+        &format!(
+            "{}Environment=HELLO_WATCHDOG=1\n",
+            unit_file("examples/watchdog.conf").replace("WatchdogSec=5", "WatchdogSec=3")
+        ),
     );
-    // wedged workers (queues that do not move) make the fleet unhealthy quickly
     f.sb.write(
         "/etc/myapp/sockvisor.toml",
         &sockvisor_config(
             f.port,
             2,
-            "wedged_after = \"1s\"\nunhealthy_grace = \"1s\"\n",
+            &format!(
+                "worker_watchdog = \"1s\"\nmin_healthy = 2\nunhealthy_grace = \"{grace}\"\n\
+                 stop_timeout = \"20s\"\n"
+            ),
         ),
     );
     f.sb.exec(&["systemctl", "daemon-reload"]);
     let main = f.activate();
     assert_eq!(f.sb.prop("myapp.service", "WatchdogUSec"), "3s");
+    // the workers ping sockvisor: still all there after several worker watchdog periods
     let old = f.workers();
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(f.workers(), old, "workers restarted although they ping");
+    assert_eq!(f.sb.prop("myapp.service", "NRestarts"), "0");
     for pid in &old {
         f.sb.exec(&["kill", "-STOP", &pid.to_string()]);
     }
@@ -914,11 +965,26 @@ fn scenario_fleet_watchdog() {
         stats.refused, 0,
         "connections refused during the watchdog restart: {stats:?}"
     );
-    assert!(f.sb.journal("myapp.service").contains("Watchdog timeout"));
+    let journal = f.sb.journal("myapp.service");
+    // sockvisor's side: the worker watchdog fired and the fleet was reported unhealthy
+    assert!(
+        journal.contains("watchdog timeout; sending SIGABRT"),
+        "{journal}"
+    );
+    assert!(journal.contains("withholding watchdog pings"), "{journal}");
+    // systemd's side: sockvisor's WATCHDOG=trigger ("Watchdog request") or the missed pings
+    // ("Watchdog timeout")
+    assert!(journal.contains(systemd_says), "{journal}");
+    for line in journal.lines().filter(|l| {
+        l.contains("Watchdog") || l.contains("fleet unhealthy") || l.contains("WATCHDOG=trigger")
+    }) {
+        eprintln!("[e2e] watchdog: {line}");
+    }
     for pid in &old {
         assert!(!f.sb.alive(*pid), "hung worker {pid} survived the restart");
     }
-    f.done("scenario_fleet_watchdog");
+    assert_eq!(f.sb.prop("myapp.service", "NRestarts"), "1");
+    f.done(test);
 }
 
 /// `systemctl restart` under a client loop: no connection refused.
@@ -1116,19 +1182,19 @@ fn scenario_template_instance() {
     sb.exec(&["systemctl", "daemon-reload"]);
     sb.exec(&["systemctl", "start", "demo-web.socket", "demo-dns.socket"]);
     assert!(retry_get(port, Duration::from_secs(20)).contains("hello from worker"));
-    assert_eq!(udp_echo(port, b"tmpl").expect("udp"), b"tmpl");
+    assert_udp_echo(port, b"tmpl");
     let unit = "sockvisor@demo.service";
     assert_eq!(sb.prop(unit, "ActiveState"), "active");
     sb.exec(&["test", "-S", "/run/sockvisor/demo/control.sock"]);
-    let ctl = ["env", "RUNTIME_DIRECTORY=/run/sockvisor/demo", "sockvisor"];
-    sb.exec(&[&ctl[..], &["scale", "3"]].concat());
+    let ctl = ["--control", "/run/sockvisor/demo/control.sock"];
+    sb.exec(&[&["sockvisor", "scale", "3"][..], &ctl[..]].concat());
     let main: u32 = sb.prop(unit, "MainPID").parse().unwrap_or(0);
     wait_until(
         "3 workers after `sockvisor scale 3`",
         Duration::from_secs(20),
         || sb.children(main).len() == 3,
     );
-    let status = sb.exec(&[&ctl[..], &["status"]].concat());
+    let status = sb.exec(&[&["sockvisor", "status"][..], &ctl[..]].concat());
     assert!(!status.trim().is_empty());
     sb.exec(&["systemctl", "stop", unit]);
     sb.exec(&["test", "!", "-e", "/run/sockvisor/demo"]);
