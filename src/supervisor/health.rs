@@ -216,8 +216,10 @@ impl Supervisor {
                 "fleet unhealthy for {:?}: asking systemd to restart the service (WATCHDOG=trigger)",
                 self.config.unhealthy_grace
             );
-            self.upstream
-                .watchdog_trigger("unhealthy: no healthy workers");
+            self.upstream.watchdog_trigger(&format!(
+                "unhealthy: {healthy} healthy workers, {} needed",
+                self.config.min_healthy
+            ));
         }
     }
 }
