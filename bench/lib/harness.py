@@ -412,11 +412,20 @@ def run_udp_client(a, port, duration, outpath=None):
     return r, cpu
 
 
+def strip_echo_prefix(data):
+    """hello prefixes its UDP echo with `worker <id> (pid <pid>): `; the payload follows."""
+    if data.startswith(b"worker "):
+        i = data.find(b"): ")
+        if i >= 0:
+            return data[i + 3:]
+    return data
+
+
 def udp_echo_ok(host, port, timeout=0.3):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         try:
             s.sendto(b"probe", (host, port))
-            return s.recvfrom(2048)[0] == b"probe"
+            return strip_echo_prefix(s.recvfrom(2048)[0]) == b"probe"
         except OSError:
             return False

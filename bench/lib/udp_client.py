@@ -63,6 +63,9 @@ def main():
             except (BlockingIOError, ConnectionRefusedError):
                 break
             now = time.monotonic()
+            if data.startswith(b"worker "):  # hello's echo prefix: `worker <id> (pid <pid>): `
+                i = data.find(b"): ")
+                data = data[i + 3:] if i >= 0 else data
             ts = inflight.pop(struct.unpack("!Q", data[:8])[0], None) if len(data) >= 8 else None
             if ts is None:
                 late += 1
