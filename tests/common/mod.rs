@@ -203,6 +203,11 @@ impl FleetBuilder {
         self
     }
 
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.cmd.current_dir(dir);
+        self
+    }
+
     pub fn notify(self, n: &NotifySocket) -> Self {
         self.env("NOTIFY_SOCKET", &n.path)
     }
