@@ -394,7 +394,10 @@ fn chaos_kill_stop_reload_under_load() {
         .collect();
     assert_eq!(workers.len(), WORKERS, "{settled:#?}");
     let kids = all_children(sv);
-    assert_eq!(kids, workers, "sockvisor's children are exactly its workers");
+    assert_eq!(
+        kids, workers,
+        "sockvisor's children are exactly its workers"
+    );
     let procs = processes();
     let zombies: Vec<_> = procs
         .iter()
@@ -408,8 +411,14 @@ fn chaos_kill_stop_reload_under_load() {
         .collect();
     let mut expected = workers.clone();
     expected.insert(sv);
-    assert_eq!(group, expected, "the fleet's process group: sockvisor and its workers only");
+    assert_eq!(
+        group, expected,
+        "the fleet's process group: sockvisor and its workers only"
+    );
 
     fleet.signal(libc::SIGTERM);
-    assert!(fleet.wait(Duration::from_secs(15)).is_some(), "no clean stop");
+    assert!(
+        fleet.wait(Duration::from_secs(15)).is_some(),
+        "no clean stop"
+    );
 }
