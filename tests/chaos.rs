@@ -256,7 +256,7 @@ fn chaos_kill_stop_reload_under_load() {
     let seed = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_c4a0_5u64);
+        .unwrap_or(0x0005_eedc_4a05_u64);
     eprintln!("chaos: seed {seed} (CHAOS_SEED=... to replay)");
     let mut rng = Rng(seed);
     let start = Instant::now();
