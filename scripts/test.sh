@@ -8,3 +8,10 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets 2>&1 | tee target/test-output.log
 cargo test --doc
+# Fuzz smoke: every target in fuzz/ for 20 s (scripts/fuzz-smoke.sh). Required in CI
+# (.ci/run installs cargo-fuzz); skipped with a message elsewhere when it is not installed.
+if [[ -n ${CI:-} ]] || cargo fuzz --version >/dev/null 2>&1; then
+  scripts/fuzz-smoke.sh
+else
+  echo "fuzz smoke skipped: cargo-fuzz not installed (cargo install cargo-fuzz --locked)"
+fi

@@ -1358,6 +1358,20 @@ fn read_file_layer(path: &Path) -> Result<Layer, ConfigError> {
 /// Layers: TOML file < `SOCKVISOR_*` environment < command line. A list (`listen`,
 /// `fatal_exit_codes`, `command`) set in a higher layer replaces the lower one's entirely.
 pub fn load(sources: &Sources) -> Result<Invocation, ConfigError> {
+    load_with(sources, read_file_layer)
+}
+
+/// [`load`], with `file_text` standing in for the contents of whatever config file the
+/// sources name (`-c FILE` or `SOCKVISOR_CONFIG`); nothing is read from disk. For the fuzz
+/// targets (fuzz/) and tests: the same code path as [`load`] after the file is read.
+pub fn load_str(sources: &Sources, file_text: &str) -> Result<Invocation, ConfigError> {
+    load_with(sources, |path| file_layer(path, file_text))
+}
+
+fn load_with(
+    sources: &Sources,
+    read_file: impl FnOnce(&Path) -> Result<Layer, ConfigError>,
+) -> Result<Invocation, ConfigError> {
     let cli = parse_cli(&sources.args)?;
     if cli.help {
         return Ok(Invocation::Help(help_text()));
@@ -1372,7 +1386,7 @@ pub fn load(sources: &Sources) -> Result<Invocation, ConfigError> {
             .map(PathBuf::from)
     });
     let file_layer = match &file {
-        Some(path) => read_file_layer(path)?,
+        Some(path) => read_file(path)?,
         None => Layer::default(),
     };
     let layer = file_layer.overlay(env_layer(env)?).overlay(cli.layer);

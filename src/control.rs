@@ -351,20 +351,27 @@ impl ControlServer {
                 Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
                 Err(Errno::EAGAIN) => break,
                 Err(e @ (Errno::EMFILE | Errno::ENFILE)) if self.spare.is_some() => {
-                    // Out of fds: the pending connection would keep the listener readable
-                    // and spin the loop. Free the spare fd, take the connection, tell it why,
-                    // close it, and take the spare back.
-                    log::warn!("control socket {}: accept: {e}", self.path.display());
+                    // Out of fds. accept4 fails with EMFILE before it looks at the queue, so
+                    // this says nothing about a pending connection: free the spare fd and
+                    // try again. A pending connection is taken, told why and closed (else
+                    // it would keep the listener readable and spin the loop); none pending
+                    // (EAGAIN) ends the loop, else this would retry forever.
                     self.spare = None;
-                    if let Ok(raw) =
-                        socket::accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
-                    {
+                    let taken = socket::accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC);
+                    if let Ok(raw) = taken {
                         // SAFETY: accept4 just returned this fd; nothing else owns it.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                        log::warn!(
+                            "control socket {}: accept: {e}; refused a client",
+                            self.path.display()
+                        );
                         refuse(&fd, &format!("sockvisor is out of file descriptors ({e})"));
                     }
                     self.spare = open_spare();
-                    continue;
+                    match taken {
+                        Ok(_) | Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+                        Err(_) => break,
+                    }
                 }
                 Err(e) => {
                     log::warn!("control socket {}: accept: {e}", self.path.display());

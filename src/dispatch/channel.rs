@@ -257,9 +257,14 @@ impl Channel {
             let nfds = got.fds.len();
             drop(got.fds); // a worker has no business sending fds: close them
             if got.bytes == 0 && nfds == 0 {
-                let hup = sys::poll_one(self.sockvisor_end.as_fd(), libc::POLLRDHUP, 0)
-                    .map(|r| r & (libc::POLLRDHUP | libc::POLLHUP) != 0)
-                    .unwrap_or(true);
+                // EINTR (a signal pending, even with a zero timeout) says nothing about
+                // the peer: ask again.
+                let hup = loop {
+                    match sys::poll_one(self.sockvisor_end.as_fd(), libc::POLLRDHUP, 0) {
+                        Err(Errno::EINTR) => continue,
+                        r => break r.map_or(true, |r| r & (libc::POLLRDHUP | libc::POLLHUP) != 0),
+                    }
+                };
                 if hup {
                     return r.hung_up();
                 }
@@ -493,6 +498,56 @@ mod tests {
         let (back, err) = ch.send(s, false).unwrap_err();
         assert!(matches!(err, SendError::Closed(_)), "{err:?}");
         drop(back);
+    }
+
+    /// Regression (fuzz/channel_message, under libFuzzer's SIGALRM): an empty message read
+    /// while a signal is pending made `poll` fail with EINTR, which was taken for a hang-up.
+    #[test]
+    fn empty_messages_under_signals_are_not_a_hang_up() {
+        extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: an empty handler for SIGURG (ignored by default, used by nothing else in
+        // the tests), without SA_RESTART so that syscalls see EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut());
+        }
+        let ch = Channel::new().unwrap();
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as usize;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let pest = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                // SAFETY: the target thread outlives this one (joined below).
+                unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGURG) };
+            }
+        });
+        let start = std::time::Instant::now();
+        let mut rounds = 0u64;
+        let mut spurious = 0u64;
+        while start.elapsed() < std::time::Duration::from_secs(2) {
+            // SAFETY: send(2) of an empty message on a socket this test owns.
+            let r = unsafe {
+                libc::send(
+                    ch.worker_end().as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            assert_eq!(r, 0);
+            let r = ch.read_reports();
+            assert_eq!(r.closed, 0);
+            spurious += u64::from(r.hung_up);
+            rounds += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        pest.join().unwrap();
+        assert_eq!(
+            spurious, 0,
+            "{spurious} spurious hang-ups in {rounds} rounds"
+        );
     }
 
     #[test]

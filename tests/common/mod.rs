@@ -203,6 +203,30 @@ impl FleetBuilder {
         self
     }
 
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.cmd.current_dir(dir);
+        self
+    }
+
+    /// Mark every fd above 2 the test process holds close-on-exec in the child, so sockvisor
+    /// starts with only 0-2 (what systemd gives it), whatever the test runner leaked.
+    pub fn no_inherited_fds(mut self) -> Self {
+        // SAFETY: close_range(2) is async-signal-safe; setting CLOEXEC on the child's own fds
+        // only affects what survives exec (std's own error pipe is CLOEXEC already).
+        unsafe {
+            self.cmd.pre_exec(|| {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                Ok(())
+            });
+        }
+        self
+    }
+
     pub fn notify(self, n: &NotifySocket) -> Self {
         self.env("NOTIFY_SOCKET", &n.path)
     }

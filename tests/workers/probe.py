@@ -59,6 +59,10 @@ report = {
     "env": {k: v for k, v in os.environ.items()
             if k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "SOCKVISOR_", "INVOCATION_"))},
     "uid": os.getuid(),
+    "gid": os.getgid(),
+    "groups": os.getgroups(),
+    "cwd": os.getcwd(),
+    "umask": (lambda m: (os.umask(m), m)[1])(os.umask(0)),
     "sigmask": open("/proc/self/status").read().split("SigBlk:")[1].split()[0],
     "sigign": open("/proc/self/status").read().split("SigIgn:")[1].split()[0],
 }
