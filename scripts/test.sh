@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+mkdir -p target
 cargo test --all-targets 2>&1 | tee target/test-output.log
-cargo test --doc
+cargo test --doc 2>&1 | tee -a target/test-output.log
 # Fuzz smoke: every target in fuzz/ for 20 s (scripts/fuzz-smoke.sh). Required in CI
 # (.ci/run installs cargo-fuzz); skipped with a message elsewhere when it is not installed.
 if [[ -n ${CI:-} ]] || cargo fuzz --version >/dev/null 2>&1; then
@@ -15,3 +16,6 @@ if [[ -n ${CI:-} ]] || cargo fuzz --version >/dev/null 2>&1; then
 else
   echo "fuzz smoke skipped: cargo-fuzz not installed (cargo install cargo-fuzz --locked)"
 fi
+# One closing line over every cargo test binary above.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' target/test-output.log
