@@ -97,7 +97,7 @@ class Ctx:
         self.out = out
         self.jl = open(os.path.join(out, "runs.jsonl"), "a")
         self.env = {"HOST": a.host, "BENCH": BENCH, "SOCKVISOR": a.sockvisor, "HELLO": a.hello,
-                    "REFSERVER": a.stand_in or "", "SV_EXTRA": a.sv_args}
+                    "REFSERVER": a.stand_in or "", "REF_A": a.ref_a or "", "SV_EXTRA": a.sv_args}
 
     def write(self, rec):
         self.jl.write(json.dumps(rec) + "\n")
@@ -405,6 +405,9 @@ def main():
     ap.add_argument("--long", action="store_true", help="add the long part (balance 100k, RSS over ~1M)")
     ap.add_argument("--parts", default=None, help="comma list of http,udp,ready,long (default: http,udp,ready "
                                                    "plus long with --long)")
+    ap.add_argument("--ref-a", metavar="REFSERVER", default=None,
+                    help="also run the research C reference dispatcher (refserver -m a: blocking accept + "
+                         "SCM_RIGHTS round robin) as server `ref-a`, for a same-run dispatcher CPU baseline")
     ap.add_argument("--stand-in", metavar="REFSERVER", default=None,
                     help="path to the research refserver binary: it plays sockvisor and the reuseport "
                          "reference (harness validation only; figures are not sockvisor's)")
@@ -464,6 +467,9 @@ def main():
         http_servers.update(STANDIN_HTTP)
         udp_servers.update(STANDIN_UDP)
         ready_cmd, startup_ref, long_cmd = STANDIN_READY, STANDIN_STARTUP_REF, STANDIN_LONG
+    if a.ref_a:
+        a.ref_a = os.path.abspath(a.ref_a)
+        http_servers["ref-a"] = "$REF_A -w $WORKERS -p $PORT -H $HOST -m a"
     if a.servers:
         want = a.servers.split(",")
         unknown = [s for s in want if s not in http_servers]
