@@ -261,6 +261,29 @@ impl Supervisor {
         }
     }
 
+    /// Drain a worker for good: its slot is not restarted when it exits.
+    pub(super) fn retire(&mut self, pid: Pid, reason: &str, now: Instant) {
+        if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
+            w.retired = true;
+        }
+        self.murder(pid, Signal::SIGTERM, reason, false, now);
+    }
+
+    /// Remove the slots from `first` on, retiring their workers.
+    pub(super) fn drop_slots_from(&mut self, first: usize, reason: &str, now: Instant) {
+        if first >= self.slots.len() {
+            return;
+        }
+        let removed: Vec<Pid> = self
+            .slots
+            .drain(first..)
+            .filter_map(|s| s.current)
+            .collect();
+        for pid in removed {
+            self.retire(pid, reason, now);
+        }
+    }
+
     /// Ask a worker to stop with `signal`; SIGKILL follows after the stop timeout.
     pub(super) fn murder(
         &mut self,
@@ -361,17 +384,7 @@ impl Supervisor {
             }
         } else if workers < before {
             log::info!("scaling down from {before} to {workers} workers");
-            let removed: Vec<_> = self
-                .slots
-                .drain(workers..)
-                .filter_map(|s| s.current)
-                .collect();
-            for pid in removed {
-                if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
-                    w.retired = true;
-                }
-                self.murder(pid, Signal::SIGTERM, "scaled down", false, now);
-            }
+            self.drop_slots_from(workers, "scaled down", now);
         }
         self.config.workers = workers;
         self.fleet_changed();

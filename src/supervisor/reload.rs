@@ -9,7 +9,6 @@
 use super::{Phase, Supervisor};
 use crate::config::{self, Config, Invocation};
 use crate::spawn;
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
@@ -191,40 +190,12 @@ impl Supervisor {
         let old = self.slots[slot].current.replace(pid);
         self.slots[slot].restart_at = None;
         if let Some(old) = old.filter(|&o| o != pid) {
-            if let Some(w) = self.workers.get_mut(&old.as_raw()) {
-                w.retired = true;
-            }
-            self.murder(
-                old,
-                Signal::SIGTERM,
-                &format!("replaced by generation {generation}"),
-                false,
-                now,
-            );
+            self.retire(old, &format!("replaced by generation {generation}"), now);
         }
     }
 
     fn finish_reload(&mut self, r: Reload, now: Instant) {
-        let workers = self.config.workers;
-        if self.slots.len() > workers {
-            let extra: Vec<_> = self
-                .slots
-                .drain(workers..)
-                .filter_map(|s| s.current)
-                .collect();
-            for pid in extra {
-                if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
-                    w.retired = true;
-                }
-                self.murder(
-                    pid,
-                    Signal::SIGTERM,
-                    "not in the new configuration",
-                    false,
-                    now,
-                );
-            }
-        }
+        self.drop_slots_from(self.config.workers, "not in the new configuration", now);
         let took = now.saturating_duration_since(r.started).as_secs_f64();
         let message = format!("reloaded: generation {} serving ({took:.1}s)", r.generation);
         log::info!("{message}");
@@ -243,16 +214,7 @@ impl Supervisor {
             r.old_generation
         );
         for pid in r.starting.values() {
-            if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
-                w.retired = true;
-            }
-            self.murder(
-                *pid,
-                Signal::SIGTERM,
-                "its generation is rolled back",
-                false,
-                now,
-            );
+            self.retire(*pid, "its generation is rolled back", now);
         }
         self.config = r.old_config;
         self.command = r.old_command;
@@ -270,24 +232,13 @@ impl Supervisor {
             })
             .collect();
         for (slot, pid) in switched {
-            if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
-                w.retired = true;
-            }
-            self.murder(
-                pid,
-                Signal::SIGTERM,
-                "its generation is rolled back",
-                false,
-                now,
-            );
+            self.retire(pid, "its generation is rolled back", now);
             self.slots[slot].current = None;
             if slot < old_count {
                 self.spawn(slot, now);
             }
         }
-        if self.slots.len() > old_count {
-            self.slots.truncate(old_count);
-        }
+        self.drop_slots_from(old_count, "its generation is rolled back", now);
         let message = format!("reload failed: {why}; generation {} kept", r.old_generation);
         let status = format!("{message}; {}", self.summary());
         self.upstream.ready(&status);
