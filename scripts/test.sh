@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The integration tests run the example workers (target/debug/examples/hello, ...): build them
+# as programs first (--all-targets alone builds examples only as test harnesses).
+cargo build --bins --examples
 mkdir -p target
 cargo test --all-targets 2>&1 | tee target/test-output.log
 cargo test --doc 2>&1 | tee -a target/test-output.log

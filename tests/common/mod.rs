@@ -25,7 +25,7 @@ pub fn example_bin(name: &str) -> PathBuf {
     let p = profile_dir.join("examples").join(name);
     assert!(
         p.exists(),
-        "{} not built (cargo test builds examples)",
+        "{} not built: run `cargo build --examples` first (scripts/test.sh does)",
         p.display()
     );
     p
