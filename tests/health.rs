@@ -625,3 +625,41 @@ fn a_worker_that_says_stopping_but_lingers_is_killed_after_the_stop_timeout() {
     assert!(!alive(pids[0]));
     assert_eq!(reply_pid(&tcp_request(port, b"hi\n").unwrap()), pids[1]);
 }
+
+#[test]
+fn min_ready_lets_the_fleet_report_ready_before_a_slow_worker() {
+    let port = free_port();
+    let mut notify = NotifySocket::new();
+    // Worker 2 needs 30 s; with min_ready = 2 the fleet is ready once 0 and 1 are.
+    let fleet = fleet(3, port, &["--ready", "notify", "--min-ready", "2"], probe())
+        .env("PROBE_READY_DELAY", "0,0,30")
+        .notify(&notify)
+        .start();
+    let ready = notify
+        .wait_for("READY=1", T)
+        .unwrap_or_else(|| panic!("no READY=1: {}", fleet.log()));
+    assert!(ready.contains("STATUS=2/3 workers ready"), "{ready}");
+    let log = fleet.log();
+    assert!(!log.contains("worker 2 ready"), "{log}");
+    // The slow worker gets no connection while it starts.
+    for _ in 0..6 {
+        let reply = tcp_request(port, b"hi\n").unwrap();
+        assert!(!reply.starts_with("probe 2 "), "{reply}");
+    }
+}
+
+#[test]
+fn a_worker_can_set_its_own_watchdog_timeout() {
+    let port = free_port();
+    // No worker_watchdog in the config: the worker asks for 700 ms itself and pings once
+    // (WATCHDOG_USEC is not in its environment, so the probe's periodic pinging is off), then
+    // goes silent: it is aborted like any watchdog miss.
+    let fleet = fleet(1, port, &["--ready", "notify"], probe())
+        .env(
+            "PROBE_NOTIFY_AFTER_READY",
+            "WATCHDOG_USEC=700000\nWATCHDOG=1",
+        )
+        .start();
+    fleet.wait_log("watchdog timeout; sending SIGABRT", T);
+    fleet.wait_log("killed by SIGABRT", T);
+}
