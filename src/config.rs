@@ -374,8 +374,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     }
     let secs = u64::try_from(total / 1_000_000_000).map_err(|_| bad())?;
+    if secs > MAX_DURATION_SECS {
+        return Err(format!("duration {} is too long (at most 365d)", got(s)));
+    }
     Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
+
+/// Durations are deadlines added to the monotonic clock: a year is long enough for any of
+/// them and far from overflowing `Instant`.
+const MAX_DURATION_SECS: u64 = 365 * 86_400;
 
 fn parse_dur(s: &str) -> Result<Duration, VErr> {
     // parse_duration's message already says how to write one.
@@ -1977,6 +1984,17 @@ mod tests {
             e.starts_with("/nonexistent/x.toml: cannot read the config file"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn durations_are_capped_at_a_year() {
+        assert_eq!(
+            parse_duration("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        let e = parse_duration("4000000000000000h").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        assert!(parse_duration("366d").is_err());
     }
 
     #[test]

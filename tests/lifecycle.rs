@@ -369,3 +369,42 @@ fn status_matches_the_fleet_and_other_users_are_refused() {
 }
 
 use std::os::unix::process::CommandExt;
+
+#[test]
+fn a_reload_before_the_fleet_is_ready_sends_no_early_ready() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 2, &hello_cmd());
+    let mut notify = NotifySocket::new();
+    let fleet = FleetBuilder::new(["-c", config.to_str().unwrap()])
+        .env("HELLO_READY", "1")
+        .env("HELLO_READY_DELAY_MS", "1500")
+        .notify(&notify)
+        .start();
+    fleet.wait_log("worker 1 started", T);
+    let out = fleet.ctl(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    notify
+        .wait_for("READY=1", T)
+        .expect("READY=1 once the fleet is ready");
+    let log = fleet.log();
+    let all = notify.all();
+    let first_ready = all
+        .iter()
+        .position(|m| m.lines().any(|l| l == "READY=1"))
+        .unwrap();
+    assert!(
+        !all[first_ready].contains("STATUS=reload"),
+        "the first READY=1 is the fleet's, not the end of a reload: {all:?}\n{log}"
+    );
+    assert!(
+        !all[..first_ready].iter().any(|m| m.contains("RELOADING=1")),
+        "no RELOADING=1 before the first READY=1: {all:?}"
+    );
+    assert!(http_get(port).unwrap().contains("hello from worker"));
+}

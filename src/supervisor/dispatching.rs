@@ -109,6 +109,8 @@ impl Supervisor {
             .policy
             .order(&candidates, peer, &mut order);
         let mut conn = Some(conn);
+        // A worker whose channel is closed cannot take connections any more: replaced.
+        let mut closed_channel = None;
         for &i in &order {
             let candidate = candidates[i];
             let Some(w) = self.workers.get_mut(&(candidate.key as i32)) else {
@@ -140,9 +142,8 @@ impl Supervisor {
                             w.pid
                         ),
                         SendError::Closed(e) => {
-                            log::warn!("worker {} (pid {}): channel closed ({e}); no more connections for it", w.slot, w.pid);
-                            w.state = WorkerState::Draining;
-                            self.dirty = true;
+                            log::warn!("worker {} (pid {}): channel closed ({e})", w.slot, w.pid);
+                            closed_channel = Some(w.pid);
                         }
                     }
                 }
@@ -150,6 +151,15 @@ impl Supervisor {
         }
         self.candidates_buf = candidates;
         self.order_buf = order;
+        if let Some(pid) = closed_channel {
+            self.murder(
+                pid,
+                Signal::SIGTERM,
+                "its channel is closed",
+                true,
+                Instant::now(),
+            );
+        }
         if self.dirty {
             self.rebuild_ready_workers();
         }

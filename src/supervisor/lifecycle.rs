@@ -215,8 +215,21 @@ impl Supervisor {
         if expected {
             log::info!("worker {slot} (pid {pid}) {}", describe(status));
             if is_current && !matches!(self.phase, Phase::Stopping { .. }) && !worker.retired {
-                self.slots[slot].history.replaced();
-                self.spawn(slot, now);
+                if uptime >= self.config.backoff.reset_after {
+                    self.slots[slot].history.replaced();
+                    self.spawn(slot, now);
+                } else {
+                    // A clean exit right after start, again and again, is a crash loop too.
+                    let delay = self.slots[slot]
+                        .history
+                        .failed(&self.config.backoff, uptime);
+                    log::info!(
+                        "worker {slot} stayed up only {:.1}s; restarting in {}",
+                        uptime.as_secs_f64(),
+                        human(delay)
+                    );
+                    self.schedule_restart(slot, now, delay, false);
+                }
             }
             return;
         }
@@ -297,6 +310,7 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
             return;
         };
+        let mut reclaimed = Vec::new();
         if w.state != WorkerState::Draining {
             log::info!(
                 "worker {} (pid {pid}): {reason}; sending {}",
@@ -305,7 +319,26 @@ impl Supervisor {
             );
             w.state = WorkerState::Draining;
             w.kill_at = Some(now + stop_timeout);
+            // What waits in its channel goes to the other workers now, not after it exits
+            // (a hung worker would hold it until SIGKILL). Each message is received once, by
+            // the worker or by us. Not at stop: then nobody else could take them, and a
+            // worker drains its own channel on SIGTERM.
+            if !matches!(self.phase, Phase::Stopping { .. }) {
+                for (i, c) in w.channels.iter().enumerate() {
+                    if let Some(c) = c {
+                        reclaimed.push((i, c.channel.reclaim()));
+                    }
+                }
+            }
         }
+        for (i, conns) in reclaimed {
+            for conn in conns.into_iter().rev() {
+                self.listeners[i].pending_connections.push_front(conn);
+            }
+        }
+        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
+            return;
+        };
         w.unhealthy |= unhealthy;
         w.ready_deadline = None;
         w.watchdog_deadline = None;
@@ -478,6 +511,7 @@ impl Supervisor {
         self.upstream.stopping(&format!("stopping: {reason}"));
         for i in 0..self.listeners.len() {
             self.pause_listener(i);
+            self.listeners[i].resume_at = None;
         }
         self.flush_all_pending();
         let now = Instant::now();
@@ -511,7 +545,13 @@ impl Supervisor {
             .values()
             .flat_map(|w| [w.kill_at, w.ready_deadline, w.watchdog_deadline]);
         let slots = self.slots.iter().map(|s| s.restart_at);
-        let listeners = self.listeners.iter().map(|l| l.resume_at);
+        // An EMFILE pause only matters for a listener that will be resumed.
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let listeners = self.listeners.iter().map(|l| {
+            l.resume_at
+                .filter(|_| !l.polling && l.pending_connections.is_empty() && !stopping)
+        });
+        let reload = self.reload.as_ref().map(|r| r.deadline());
         let retry = self
             .listeners
             .iter()
@@ -525,6 +565,7 @@ impl Supervisor {
                 self.health.next_deadline(),
                 self.status.next_deadline(),
                 self.next_wedge_check(),
+                reload,
             ])
             .flatten()
             .min()

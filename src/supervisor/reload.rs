@@ -32,6 +32,27 @@ pub(super) struct Reload {
     pub(super) waiters: Vec<Waiter>,
 }
 
+impl Supervisor {
+    /// The end of a reload, whatever its outcome. Protocol rule: `READY=1` closes the
+    /// `RELOADING=1` sent at its start; before the fleet's first `READY=1` neither is sent,
+    /// since a `READY=1` then would tell systemd the service is up too early.
+    fn reload_ended(&mut self, status: String, now: Instant) {
+        if self.phase == Phase::Running {
+            self.upstream.ready(&status);
+        } else {
+            self.upstream.status(&status);
+        }
+        self.status.sent(status, now);
+    }
+}
+
+impl Reload {
+    /// When the new generation must be ready, or is rolled back.
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+}
+
 /// The listeners a config asks for, in a form that compares.
 fn listener_plan(c: &Config) -> Vec<(String, Option<String>, &'static str)> {
     c.listeners
@@ -62,8 +83,10 @@ impl Supervisor {
         if let Phase::Stopping { .. } = self.phase {
             return Err("sockvisor is stopping".to_string());
         }
-        self.upstream
-            .reloading("reloading: reading the configuration");
+        if self.phase == Phase::Running {
+            self.upstream
+                .reloading("reloading: reading the configuration");
+        }
         let result = self.start_reload(now);
         match result {
             Ok(()) => {
@@ -77,8 +100,7 @@ impl Supervisor {
             Err(e) => {
                 let status = format!("reload refused: {e}; {}", self.summary());
                 log::error!("reload refused: {e}");
-                self.upstream.ready(&status);
-                self.status.sent(status, now);
+                self.reload_ended(status, now);
                 Err(e)
             }
         }
@@ -189,6 +211,8 @@ impl Supervisor {
     fn switch_slot(&mut self, slot: usize, pid: Pid, generation: u64, now: Instant) {
         let old = self.slots[slot].current.replace(pid);
         self.slots[slot].restart_at = None;
+        // A slot disabled by a fatal exit code serves again with the new generation.
+        self.slots[slot].disabled = false;
         if let Some(old) = old.filter(|&o| o != pid) {
             self.retire(old, &format!("replaced by generation {generation}"), now);
         }
@@ -200,8 +224,7 @@ impl Supervisor {
         let message = format!("reloaded: generation {} serving ({took:.1}s)", r.generation);
         log::info!("{message}");
         let status = format!("{}; {}", message, self.summary());
-        self.upstream.ready(&status);
-        self.status.sent(status, now);
+        self.reload_ended(status, now);
         self.answer_waiters(&r.waiters, Ok(message));
         self.fleet_changed();
     }
@@ -241,8 +264,7 @@ impl Supervisor {
         self.drop_slots_from(old_count, "its generation is rolled back", now);
         let message = format!("reload failed: {why}; generation {} kept", r.old_generation);
         let status = format!("{message}; {}", self.summary());
-        self.upstream.ready(&status);
-        self.status.sent(status, now);
+        self.reload_ended(status, now);
         self.answer_waiters(&r.waiters, Err(message));
         self.fleet_changed();
     }

@@ -68,6 +68,8 @@ impl Supervisor {
     /// the fleet itself changed (ready count, restarts).
     pub(super) fn refresh_status(&mut self, now: Instant) {
         if self.phase == Phase::Starting {
+            // READY=1 carries the first summary; no refresh deadline until then.
+            self.status.sent_at = None;
             return;
         }
         let summary = self.summary();
