@@ -735,11 +735,7 @@ mod tests {
     use crate::dispatch::Channel;
     use std::net::TcpListener;
 
-    fn tcp_pair(l: &TcpListener) -> (TcpStream, OwnedFd) {
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        (c, OwnedFd::from(s))
-    }
+    use crate::dispatch::channel::tests::tcp_pair;
 
     fn channel_incoming(ch: &Channel) -> Incoming {
         let fd = ch.worker_end().try_clone_to_owned().unwrap();

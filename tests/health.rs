@@ -83,22 +83,6 @@ fn wait_status(fleet: &Fleet, what: &str, pred: impl Fn(&serde_json::Value) -> b
     }
 }
 
-fn wait_reports(dir: &Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + T;
-    loop {
-        let r = probe_reports(dir);
-        if r.len() >= n {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} probe reports of {n}",
-            r.len()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Stopped processes are continued when the test ends, pass or fail.
 struct Stopped(Vec<i32>);
 
@@ -364,7 +348,7 @@ fn a_stranger_cannot_make_the_fleet_ready() {
         .env("PROBE_NO_READY", "1")
         .notify(&notify)
         .start();
-    let report = wait_reports(dir.path(), 1).remove(0);
+    let report = wait_probe_reports(dir.path(), 1, &fleet).remove(0);
     let workers_socket = report["env"]["NOTIFY_SOCKET"].as_str().unwrap().to_string();
     assert_ne!(Path::new(&workers_socket), notify.path);
     // The test process is not a worker: its READY=1 (and STOPPING=1) change nothing.

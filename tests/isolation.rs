@@ -121,22 +121,6 @@ fn probe_fleet(port: u16, probe_dir: &Path, cwd: &Path, user: Option<&str>) -> F
         .start()
 }
 
-fn wait_reports(dir: &Path, n: usize, fleet: &Fleet) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + T;
-    loop {
-        let r = probe_reports(dir);
-        if r.len() >= n {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no probe reports: {}",
-            fleet.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn wait_ready(control: &Path, n: usize, fleet: &Fleet) {
     let deadline = Instant::now() + T;
     loop {
@@ -173,7 +157,7 @@ fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
     let probe_dir = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
     let fleet = probe_fleet(port, probe_dir.path(), cwd.path(), None);
-    let reports = wait_reports(probe_dir.path(), 2, &fleet);
+    let reports = wait_probe_reports(probe_dir.path(), 2, &fleet);
     wait_ready(&fleet.control, 2, &fleet);
 
     let cwd_real = std::fs::canonicalize(cwd.path()).unwrap();
@@ -238,8 +222,8 @@ fn nobody_cannot_reach_another_fleets_control_or_notify_socket() {
     let (port_a, port_b) = (free_port(), free_port());
     let fleet_a = probe_fleet(port_a, dir_a.path(), cwd.path(), Some("nobody"));
     let fleet_b = probe_fleet(port_b, dir_b.path(), cwd.path(), Some("nobody"));
-    let reports_a = wait_reports(dir_a.path(), 2, &fleet_a);
-    let reports_b = wait_reports(dir_b.path(), 2, &fleet_b);
+    let reports_a = wait_probe_reports(dir_a.path(), 2, &fleet_a);
+    let reports_b = wait_probe_reports(dir_b.path(), 2, &fleet_b);
     wait_ready(&fleet_a.control, 2, &fleet_a);
     wait_ready(&fleet_b.control, 2, &fleet_b);
     for r in reports_a.iter().chain(&reports_b) {

@@ -285,14 +285,14 @@ impl Channel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
 
     /// A connected loopback TCP pair: (client, accepted server side as OwnedFd).
-    fn tcp_pair(l: &TcpListener) -> (TcpStream, OwnedFd) {
+    pub(crate) fn tcp_pair(l: &TcpListener) -> (TcpStream, OwnedFd) {
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
         (c, OwnedFd::from(s))

@@ -408,3 +408,21 @@ pub fn probe_reports(dir: &Path) -> Vec<serde_json::Value> {
     }
     out
 }
+
+/// Wait until `dir` holds `n` probe reports (the probe writes its report before it serves).
+pub fn wait_probe_reports(dir: &Path, n: usize, fleet: &Fleet) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = probe_reports(dir);
+        if r.len() >= n {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} probe reports of {n}: {}",
+            r.len(),
+            fleet.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
