@@ -37,6 +37,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod logging;
+pub mod poller;
 pub mod protocol;
 pub mod spawn;
 pub mod supervisor;

@@ -1,8 +1,8 @@
 //! Requests from the control socket (`sockvisor status | reload | scale N`).
 
 use super::reload::Waiter;
-use super::{Phase, Supervisor};
-use crate::control::{ClientId, FleetStatus, ListenerStatus, Reply, Request, WorkerStatus};
+use super::Supervisor;
+use crate::control::{ClientId, Reply, Request};
 use std::time::Instant;
 
 impl Supervisor {
@@ -45,61 +45,6 @@ impl Supervisor {
         };
         for &w in waiters {
             control.reply(ClientId(w), &reply);
-        }
-    }
-
-    /// Everything `sockvisor status` shows.
-    pub(super) fn fleet_status(&self, now: Instant) -> FleetStatus {
-        let workers = self
-            .workers
-            .values()
-            .map(|w| WorkerStatus {
-                slot: w.slot,
-                pid: w.pid.as_raw(),
-                generation: w.generation,
-                state: if w.said_stopping && w.state != super::fleet::WorkerState::Draining {
-                    "stopping".to_string()
-                } else {
-                    w.state.name().to_string()
-                },
-                uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),
-                restarts: self.slots.get(w.slot).map_or(0, |s| s.history.restarts),
-                dispatched: w.dispatched(),
-                queued: w
-                    .channels
-                    .iter()
-                    .flatten()
-                    .map(|c| c.channel.queued() as u64)
-                    .sum(),
-                open: w.open(),
-                status: w.last_status.clone(),
-            })
-            .collect();
-        let listeners = self
-            .listeners
-            .iter()
-            .map(|l| ListenerStatus {
-                name: l.listener.name.clone(),
-                address: l.listener.address.clone(),
-                policy: l.listener.policy.name().to_string(),
-                accepted: l.accepted,
-                pending: l.pending_connections.len() as u64,
-            })
-            .collect();
-        FleetStatus {
-            pid: std::process::id() as i32,
-            generation: self.generation,
-            state: match self.phase {
-                Phase::Starting => "starting",
-                Phase::Running if self.reload.is_some() => "reloading",
-                Phase::Running => "running",
-                Phase::Stopping { .. } => "stopping",
-            }
-            .to_string(),
-            workers_wanted: self.slots.len(),
-            summary: self.summary(),
-            workers,
-            listeners,
         }
     }
 }

@@ -1,70 +1,39 @@
 //! The worker table: what sockvisor knows about each live worker and each slot.
+//!
+//! A worker's life is one [`WorkerState`]: starting (until its `READY=1`), ready, then
+//! stopping for one [`Departure`] reason. The reason alone decides what its exit means for
+//! its slot (see [`Departure`]).
 
 use super::backoff::SlotHistory;
-use crate::dispatch::Channel;
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
+/// Why a worker is stopping. When several apply, the strongest is kept:
+/// `Retired` over `Failed` over `Announced`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Departure {
+    /// It said `STOPPING=1` on its own: an exit with status 0 refills its slot without
+    /// counting a failure; any other exit is a failure.
+    Announced,
+    /// Stopped for a health reason (ready timeout, watchdog, wedged, broken channel): its
+    /// exit is a failure of its slot, whatever its status.
+    Failed,
+    /// Told to go for good (scaled down, replaced by a reload, rolled back, sockvisor
+    /// stopping): its exit never refills a slot.
+    Retired,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
-    /// Exec'd, waiting for its `READY=1` (`ready = "notify"`).
-    Starting,
+    /// Exec'd, waiting for its `READY=1` (`ready = "notify"`) until `ready_by`.
+    Starting { ready_by: Instant },
     /// Receives connections.
     Ready,
-    /// Asked to stop (SIGTERM or SIGABRT sent); receives nothing; SIGKILL at `kill_at`.
-    Draining,
-}
-
-impl WorkerState {
-    pub fn name(self) -> &'static str {
-        match self {
-            WorkerState::Starting => "starting",
-            WorkerState::Ready => "ready",
-            WorkerState::Draining => "draining",
-        }
-    }
-}
-
-/// One worker's channel for one dispatched listener, with its counters.
-pub struct WorkerChannel {
-    pub channel: Channel,
-    /// Connections sent on this channel.
-    pub dispatched: u64,
-    /// Connections the worker reported closed (least-connections).
-    pub reported_closed: u64,
-    /// Whether it ever sent a close report.
-    pub reports: bool,
-    /// Queue depth as last read with FIONREAD, plus what was sent since: an upper bound of
-    /// the real depth, so the FIONREAD is needed only when this reaches the window.
-    pub queued_bound: usize,
-    /// `dispatched - queued` at the last wedge check, and when it last moved.
-    pub received_at_check: u64,
-    pub progress_at: Instant,
-}
-
-impl WorkerChannel {
-    pub fn new(channel: Channel, now: Instant) -> WorkerChannel {
-        WorkerChannel {
-            channel,
-            dispatched: 0,
-            reported_closed: 0,
-            reports: false,
-            queued_bound: 0,
-            received_at_check: 0,
-            progress_at: now,
-        }
-    }
-
-    /// Read the real queue depth and tighten the bound.
-    pub fn refresh_queued(&mut self) -> usize {
-        self.queued_bound = self.channel.queued();
-        self.queued_bound
-    }
-
-    pub fn open(&self) -> Option<u64> {
-        self.reports
-            .then(|| self.dispatched.saturating_sub(self.reported_closed))
-    }
+    /// Receives nothing; SIGKILL at `kill_at` (`None` once sent).
+    Stopping {
+        departure: Departure,
+        kill_at: Option<Instant>,
+    },
 }
 
 pub struct Worker {
@@ -73,43 +42,56 @@ pub struct Worker {
     pub generation: u64,
     pub state: WorkerState,
     pub started: Instant,
-    /// Indexed like the listeners; `Some` for dispatched listeners.
-    pub channels: Vec<Option<WorkerChannel>>,
-    /// It sent `STOPPING=1`: no more connections, and its exit is expected.
-    pub said_stopping: bool,
-    /// When it exits, its slot is not restarted (scaled down, or replaced by a reload).
-    pub retired: bool,
-    /// It was stopped for a health reason: its exit counts as a failure of its slot.
-    pub unhealthy: bool,
     pub last_status: Option<String>,
-    pub ready_deadline: Option<Instant>,
+    /// Its watchdog interval (`WatchdogSec=` of workers, or its own `WATCHDOG_USEC=`).
     pub watchdog: Option<Duration>,
+    /// When it is overdue; `None` while stopping.
     pub watchdog_deadline: Option<Instant>,
-    /// SIGKILL deadline once asked to stop.
-    pub kill_at: Option<Instant>,
 }
 
 impl Worker {
     /// May receive new connections.
-    pub fn dispatchable(&self) -> bool {
-        self.state == WorkerState::Ready && !self.said_stopping
+    pub fn ready(&self) -> bool {
+        self.state == WorkerState::Ready
     }
 
-    /// Counts towards fleet health: dispatchable and not overdue on its watchdog.
+    pub fn stopping(&self) -> bool {
+        matches!(self.state, WorkerState::Stopping { .. })
+    }
+
+    /// Counts towards fleet health: ready and not overdue on its watchdog.
     pub fn healthy(&self, now: Instant) -> bool {
-        self.dispatchable() && self.watchdog_deadline.is_none_or(|d| now < d)
+        self.ready() && self.watchdog_deadline.is_none_or(|d| now < d)
     }
 
-    pub fn dispatched(&self) -> u64 {
-        self.channels.iter().flatten().map(|c| c.dispatched).sum()
+    pub fn departure(&self) -> Option<Departure> {
+        match self.state {
+            WorkerState::Stopping { departure, .. } => Some(departure),
+            _ => None,
+        }
     }
 
-    pub fn open(&self) -> Option<u64> {
-        self.channels
-            .iter()
-            .flatten()
-            .filter_map(|c| c.open())
-            .reduce(|a, b| a + b)
+    /// For `status`: starting | ready | stopping (it said so) | draining (told to).
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            WorkerState::Starting { .. } => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping {
+                departure: Departure::Announced,
+                ..
+            } => "stopping",
+            WorkerState::Stopping { .. } => "draining",
+        }
+    }
+
+    /// The next moment something is due for it.
+    pub fn deadline(&self) -> Option<Instant> {
+        let state = match self.state {
+            WorkerState::Starting { ready_by } => Some(ready_by),
+            WorkerState::Ready => None,
+            WorkerState::Stopping { kill_at, .. } => kill_at,
+        };
+        [state, self.watchdog_deadline].into_iter().flatten().min()
     }
 }
 

@@ -1,7 +1,7 @@
 //! Health: sockvisor is its workers' systemd. Their notifications drive readiness and the
 //! worker watchdog; the fleet's health drives `READY=1` and `WATCHDOG=1` upstream.
 
-use super::fleet::WorkerState;
+use super::fleet::{Departure, WorkerState};
 use super::{Phase, Supervisor};
 use crate::config::ReadyMode;
 use crate::systemd::Upstream;
@@ -51,11 +51,12 @@ impl Supervisor {
                     break;
                 }
             };
-            let live = received.pid.filter(|pid| self.workers.contains_key(pid));
+            let live = received
+                .pid
+                .map(Pid::from_raw)
+                .filter(|pid| self.workers.contains_key(pid));
             match live {
-                Some(pid) => {
-                    self.apply_notification(Pid::from_raw(pid), received.notification, now)
-                }
+                Some(pid) => self.apply_notification(pid, received.notification, now),
                 None => self.drop_notification(received.pid, now),
             }
         }
@@ -79,68 +80,71 @@ impl Supervisor {
 
     fn apply_notification(&mut self, pid: Pid, n: Notification, now: Instant) {
         let stop_timeout = self.config.stop_timeout;
-        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
+        let Some(w) = self.workers.get_mut(&pid) else {
             return;
         };
         if let Some(status) = n.status {
             w.last_status = Some(status);
             self.status.changed = true;
         }
-        if let Some(usec) = n.watchdog_usec {
-            w.watchdog = (usec > 0).then(|| Duration::from_micros(usec));
-            w.watchdog_deadline = w.watchdog.map(|d| now + d);
+        // A stopping worker has no watchdog: neither WATCHDOG=1 nor WATCHDOG_USEC= re-arms it.
+        if !w.stopping() {
+            if let Some(usec) = n.watchdog_usec {
+                w.watchdog = (usec > 0).then(|| Duration::from_micros(usec));
+                w.watchdog_deadline = w.watchdog.map(|d| now + d);
+            }
+            if n.watchdog {
+                w.watchdog_deadline = w.watchdog.map(|d| now + d);
+            }
         }
-        if n.watchdog && w.state != WorkerState::Draining && !w.said_stopping {
-            w.watchdog_deadline = w.watchdog.map(|d| now + d);
-        }
-        if n.ready && w.state == WorkerState::Starting {
-            w.state = WorkerState::Ready;
-            w.ready_deadline = None;
+        if n.ready && matches!(w.state, WorkerState::Starting { .. }) {
             log::info!(
                 "worker {} ready (pid {pid}, {:.0} ms after start)",
                 w.slot,
                 now.saturating_duration_since(w.started).as_secs_f64() * 1000.0
             );
-            self.fleet_changed();
+            self.worker_ready(pid);
         }
-        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
+        let Some(w) = self.workers.get_mut(&pid) else {
             return;
         };
-        if n.stopping && !w.said_stopping {
+        if n.stopping && !w.stopping() {
             // Never forwarded upstream: a worker stopping is not the service stopping.
-            w.said_stopping = true;
             // As systemd does: as if it had been sent SIGTERM. Its watchdog stops, and the
             // stop timeout runs (SIGKILL then): a worker that says it stops but lingers
             // would hold its slot forever.
+            w.state = WorkerState::Stopping {
+                departure: Departure::Announced,
+                kill_at: Some(now + stop_timeout),
+            };
             w.watchdog_deadline = None;
-            w.ready_deadline = None;
-            if w.state != WorkerState::Draining {
-                w.kill_at = Some(now + stop_timeout);
-            }
             log::info!(
                 "worker {} (pid {pid}) is stopping (STOPPING=1); no more connections for it",
                 w.slot
             );
-            self.fleet_changed();
+            self.dispatch.worker_leaving(pid);
+            self.dirty = true;
         }
         // After STOPPING=1 (systemd's order), so one datagram with both extends the stop.
         if let Some(usec) = n.extend_timeout_usec {
-            if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
+            if let Some(w) = self.workers.get_mut(&pid) {
                 let until = now + Duration::from_micros(usec);
-                if let Some(d) = w.ready_deadline.as_mut() {
-                    *d = (*d).max(until);
-                }
-                if let Some(d) = w.kill_at.as_mut() {
-                    *d = (*d).max(until);
+                match &mut w.state {
+                    WorkerState::Starting { ready_by } => *ready_by = (*ready_by).max(until),
+                    WorkerState::Stopping {
+                        kill_at: Some(kill_at),
+                        ..
+                    } => *kill_at = (*kill_at).max(until),
+                    _ => {}
                 }
             }
         }
         if n.watchdog_trigger {
-            self.murder(
+            self.stop_worker(
                 pid,
                 Signal::SIGABRT,
+                Departure::Failed,
                 "asked for it (WATCHDOG=trigger)",
-                true,
                 now,
             );
         }
@@ -154,10 +158,7 @@ impl Supervisor {
     }
 
     pub(super) fn ready_count(&self) -> usize {
-        self.workers
-            .values()
-            .filter(|w| w.dispatchable() && !w.retired)
-            .count()
+        self.workers.values().filter(|w| w.ready()).count()
     }
 
     /// `READY=1` once the initial fleet is ready; the upstream watchdog.
@@ -187,7 +188,7 @@ impl Supervisor {
             return;
         }
         self.health.next_ping = Some(now + interval);
-        if matches!(self.phase, Phase::Stopping { .. }) {
+        if self.stopping() {
             return;
         }
         let healthy = self.healthy_workers(now);

@@ -1,15 +1,15 @@
-//! Workers' lives: spawn, reap, murder, restart with backoff; the fleet's stop and give-up.
+//! Workers' lives (gunicorn's arbiter verbs): fork into a slot, reap, stop a worker, restart
+//! with backoff, scale; the fleet's stop and give-up.
 
-use super::fleet::{Worker, WorkerChannel, WorkerState};
-use super::{channel_token, Phase, Supervisor};
+use super::fleet::{Departure, Slot, Worker, WorkerState};
+use super::{Phase, Supervisor};
 use crate::config::ReadyMode;
-use crate::dispatch::Channel;
+use crate::dispatch::WorkerRef;
 use crate::exit;
 use crate::spawn::{self, WorkerSetup};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 /// `50ms`, `1.6s`.
@@ -46,52 +46,37 @@ fn describe(status: WaitStatus) -> String {
     }
 }
 
+/// Whether an exit was the expected end of a worker, or a failure of its slot.
+fn exit_expected(departure: Option<Departure>, status: WaitStatus) -> bool {
+    match departure {
+        Some(Departure::Retired) => true,
+        Some(Departure::Announced) => matches!(status, WaitStatus::Exited(_, 0)),
+        Some(Departure::Failed) | None => false,
+    }
+}
+
 impl Supervisor {
-    /// Fork a worker into `slot` as its current worker.
-    pub(super) fn spawn(&mut self, slot: usize, now: Instant) {
+    /// Fill `slot` with a new worker now.
+    pub(super) fn start_slot(&mut self, slot: usize, now: Instant) {
         self.slots[slot].restart_at = None;
-        if self.spawn_worker(slot, now, true).is_none() {
+        if self.fork_worker(slot, now, true).is_none() {
             self.schedule_restart(slot, now, Duration::ZERO, true);
         }
     }
 
     /// Fork a worker for `slot`. With `make_current`, it becomes the slot's worker at once;
-    /// otherwise (a reload) only once it is ready. `None` when fork or a channel failed.
-    pub(super) fn spawn_worker(
+    /// otherwise (a reload) only once it is ready. `None` when fork or its fds failed.
+    pub(super) fn fork_worker(
         &mut self,
         slot: usize,
         now: Instant,
         make_current: bool,
     ) -> Option<Pid> {
-        let mut channels = Vec::with_capacity(self.listeners.len());
-        for l in &self.listeners {
-            if !l.dispatched() {
-                channels.push(None);
-                continue;
-            }
-            match Channel::new() {
-                Ok(c) => channels.push(Some(WorkerChannel::new(c, now))),
-                Err(e) => {
-                    log::error!("slot {slot}: cannot create a channel: {e}");
-                    return None;
-                }
-            }
+        if let Err(e) = self.dispatch.stage_worker() {
+            log::error!("slot {slot}: cannot prepare the worker's sockets: {e}");
+            return None;
         }
-        let fds: Vec<BorrowedFd<'_>> = self
-            .listeners
-            .iter()
-            .zip(&channels)
-            .map(|(l, c)| match c {
-                Some(c) => c.channel.worker_end(),
-                None => l.listener.fd.as_fd(),
-            })
-            .collect();
-        let names = self
-            .listeners
-            .iter()
-            .map(|l| l.listener.name.as_str())
-            .collect::<Vec<_>>()
-            .join(":");
+        let names = self.dispatch.fd_names();
         let mut env = vec![
             ("SOCKVISOR_WORKER_ID", slot.to_string()),
             ("NOTIFY_SOCKET", self.notify.path().display().to_string()),
@@ -99,61 +84,71 @@ impl Supervisor {
         if let Some(w) = self.config.worker_watchdog {
             env.push(("WATCHDOG_USEC", w.as_micros().to_string()));
         }
+        let fds = self.dispatch.staged_fds();
         let setup = WorkerSetup {
             fds: &fds,
             fd_names: &names,
             env: &env,
             watchdog_pid: self.config.worker_watchdog.is_some(),
         };
-        let pid = match spawn::spawn(&self.command, &setup) {
+        let forked = spawn::spawn(&self.command, &setup);
+        drop(fds);
+        let pid = match forked {
             Ok(pid) => pid,
             Err(e) => {
                 log::error!("slot {slot}: fork failed: {e}");
+                self.dispatch.discard_staged();
                 return None;
             }
         };
-        drop(fds);
-        let ready = self.config.ready == ReadyMode::Exec;
-        let worker = Worker {
+        let worker = WorkerRef {
             pid,
             slot,
             generation: self.generation,
-            state: if ready {
-                WorkerState::Ready
-            } else {
-                WorkerState::Starting
-            },
-            started: now,
-            channels,
-            said_stopping: false,
-            retired: false,
-            unhealthy: false,
-            last_status: None,
-            ready_deadline: (!ready).then(|| now + self.config.ready_timeout),
-            watchdog: self.config.worker_watchdog,
-            watchdog_deadline: self.config.worker_watchdog.map(|w| now + w),
-            kill_at: None,
         };
-        for (i, c) in worker.channels.iter().enumerate() {
-            if let Some(c) = c {
-                if self.listeners[i].policy.kind()
-                    == crate::config::DispatchPolicy::LeastConnections
-                {
-                    self.register(c.channel.sockvisor_end(), channel_token(pid, i));
-                }
-            }
-        }
+        self.dispatch.commit_worker(worker, &self.poller, now);
+        let ready_at_exec = self.config.ready == ReadyMode::Exec;
+        self.workers.insert(
+            pid,
+            Worker {
+                pid,
+                slot,
+                generation: self.generation,
+                state: WorkerState::Starting {
+                    ready_by: now + self.config.ready_timeout,
+                },
+                started: now,
+                last_status: None,
+                watchdog: self.config.worker_watchdog,
+                watchdog_deadline: self.config.worker_watchdog.map(|w| now + w),
+            },
+        );
         log::info!(
             "worker {slot} started (pid {pid}, generation {}){}",
             self.generation,
-            if ready { "" } else { ", waiting for READY=1" }
+            if ready_at_exec {
+                ""
+            } else {
+                ", waiting for READY=1"
+            }
         );
         if make_current {
             self.slots[slot].current = Some(pid);
         }
-        self.workers.insert(pid.as_raw(), worker);
-        self.fleet_changed();
+        if ready_at_exec {
+            self.worker_ready(pid);
+        }
+        self.dirty = true;
         Some(pid)
+    }
+
+    /// The worker may receive connections.
+    pub(super) fn worker_ready(&mut self, pid: Pid) {
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.state = WorkerState::Ready;
+            self.dispatch.worker_ready(pid);
+            self.dirty = true;
+        }
     }
 
     /// Collect every exited child.
@@ -175,28 +170,18 @@ impl Supervisor {
     }
 
     fn worker_exited(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
-        let Some(worker) = self.workers.remove(&pid.as_raw()) else {
+        let Some(worker) = self.workers.remove(&pid) else {
             log::debug!("reaped pid {pid}, not a worker");
             return;
         };
-        self.fleet_changed();
-        // Connections it never received go back to the pending queue, first in line.
-        let mut recovered = 0;
-        for (i, c) in worker.channels.iter().enumerate() {
-            let Some(c) = c else { continue };
-            self.unregister(c.channel.sockvisor_end());
-            let mut conns = c.channel.reclaim();
-            recovered += conns.len();
-            while let Some(conn) = conns.pop() {
-                self.listeners[i].pending_connections.push_front(conn);
-            }
-        }
-        if recovered > 0 {
+        self.dirty = true;
+        // Connections it never received go to the other workers, first in line.
+        let taken_back = self.dispatch.worker_gone(pid, &self.poller);
+        if taken_back > 0 {
             log::info!(
-                "worker {} (pid {pid}): {recovered} queued connections handed to other workers",
+                "worker {} (pid {pid}): {taken_back} queued connections handed to other workers",
                 worker.slot
             );
-            self.dirty = true;
         }
         let slot = worker.slot;
         let uptime = now.saturating_duration_since(worker.started);
@@ -204,32 +189,12 @@ impl Supervisor {
         if is_current {
             self.slots[slot].current = None;
         }
-        // A worker stopped for a health reason (ready timeout, watchdog) failed, even when it
-        // then said STOPPING=1 and exited 0 as a well-behaved SIGTERM handler does: otherwise
-        // a worker that never gets ready is replaced at once, forever, without backoff.
-        let expected = matches!(self.phase, Phase::Stopping { .. })
-            || worker.retired
-            || (!worker.unhealthy
-                && (worker.state == WorkerState::Draining
-                    || (worker.said_stopping && matches!(status, WaitStatus::Exited(_, 0)))));
-        if expected {
+        let departure = worker.departure();
+        if self.stopping() || exit_expected(departure, status) {
             log::info!("worker {slot} (pid {pid}) {}", describe(status));
-            if is_current && !matches!(self.phase, Phase::Stopping { .. }) && !worker.retired {
-                if uptime >= self.config.backoff.reset_after {
-                    self.slots[slot].history.replaced();
-                    self.spawn(slot, now);
-                } else {
-                    // A clean exit right after start, again and again, is a crash loop too.
-                    let delay = self.slots[slot]
-                        .history
-                        .failed(&self.config.backoff, uptime);
-                    log::info!(
-                        "worker {slot} stayed up only {:.1}s; restarting in {}",
-                        uptime.as_secs_f64(),
-                        human(delay)
-                    );
-                    self.schedule_restart(slot, now, delay, false);
-                }
+            let refill = is_current && !self.stopping() && departure != Some(Departure::Retired);
+            if refill {
+                self.refill(slot, uptime, now);
             }
             return;
         }
@@ -257,6 +222,26 @@ impl Supervisor {
         self.schedule_restart(slot, now, delay, false);
     }
 
+    /// A worker left its slot as it said it would (`STOPPING=1`, then exit 0): a new one
+    /// takes the slot, at once if it had stayed up, after a backoff otherwise (a clean exit
+    /// right after start, again and again, is a crash loop too).
+    fn refill(&mut self, slot: usize, uptime: Duration, now: Instant) {
+        if uptime >= self.config.backoff.reset_after {
+            self.slots[slot].history.replaced();
+            self.start_slot(slot, now);
+            return;
+        }
+        let delay = self.slots[slot]
+            .history
+            .failed(&self.config.backoff, uptime);
+        log::info!(
+            "worker {slot} stayed up only {:.1}s; restarting in {}",
+            uptime.as_secs_f64(),
+            human(delay)
+        );
+        self.schedule_restart(slot, now, delay, false);
+    }
+
     fn schedule_restart(
         &mut self,
         slot: usize,
@@ -264,22 +249,57 @@ impl Supervisor {
         delay: Duration,
         count_failure: bool,
     ) {
-        if count_failure {
+        let delay = if count_failure {
             let d = self.slots[slot]
                 .history
                 .failed(&self.config.backoff, Duration::ZERO);
-            self.slots[slot].restart_at = Some(now + d.max(delay));
+            d.max(delay)
         } else {
-            self.slots[slot].restart_at = Some(now + delay);
-        }
+            delay
+        };
+        self.slots[slot].restart_at = Some(now + delay);
     }
 
-    /// Drain a worker for good: its slot is not restarted when it exits.
-    pub(super) fn retire(&mut self, pid: Pid, reason: &str, now: Instant) {
-        if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
-            w.retired = true;
+    /// Ask a worker to stop with `signal`, for `departure`; SIGKILL follows after the stop
+    /// timeout. It receives no new connection from now on, and what was queued to it and
+    /// not received goes to the other workers.
+    pub(super) fn stop_worker(
+        &mut self,
+        pid: Pid,
+        signal: Signal,
+        departure: Departure,
+        reason: &str,
+        now: Instant,
+    ) {
+        let stop_timeout = self.config.stop_timeout;
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let told_before = matches!(w.departure(), Some(Departure::Failed | Departure::Retired));
+        let departure = w.departure().map_or(departure, |d| d.max(departure));
+        let kill_at = match w.state {
+            WorkerState::Stopping { kill_at, .. } if told_before => kill_at,
+            _ => {
+                log::info!(
+                    "worker {} (pid {pid}): {reason}; sending {}",
+                    w.slot,
+                    signal.as_str()
+                );
+                Some(now + stop_timeout)
+            }
+        };
+        w.state = WorkerState::Stopping { departure, kill_at };
+        w.watchdog_deadline = None;
+        self.dispatch.worker_leaving(pid);
+        if let Err(e) = kill(pid, signal) {
+            log::debug!("kill({pid}, {}) failed: {e}", signal.as_str());
         }
-        self.murder(pid, Signal::SIGTERM, reason, false, now);
+        self.dirty = true;
+    }
+
+    /// Drain a worker for good: its slot is not refilled when it exits.
+    pub(super) fn retire(&mut self, pid: Pid, reason: &str, now: Instant) {
+        self.stop_worker(pid, Signal::SIGTERM, Departure::Retired, reason, now);
     }
 
     /// Remove the slots from `first` on, retiring their workers.
@@ -297,109 +317,22 @@ impl Supervisor {
         }
     }
 
-    /// Ask a worker to stop with `signal`; SIGKILL follows after the stop timeout.
-    pub(super) fn murder(
-        &mut self,
-        pid: Pid,
-        signal: Signal,
-        reason: &str,
-        unhealthy: bool,
-        now: Instant,
-    ) {
-        let stop_timeout = self.config.stop_timeout;
-        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
-            return;
-        };
-        let mut reclaimed = Vec::new();
-        if w.state != WorkerState::Draining {
-            log::info!(
-                "worker {} (pid {pid}): {reason}; sending {}",
-                w.slot,
-                signal.as_str()
-            );
-            w.state = WorkerState::Draining;
-            w.kill_at = Some(now + stop_timeout);
-            // What waits in its channel goes to the other workers now, not after it exits
-            // (a hung worker would hold it until SIGKILL). Each message is received once, by
-            // the worker or by us. Not at stop: then nobody else could take them, and a
-            // worker drains its own channel on SIGTERM.
-            if !matches!(self.phase, Phase::Stopping { .. }) {
-                for (i, c) in w.channels.iter().enumerate() {
-                    if let Some(c) = c {
-                        reclaimed.push((i, c.channel.reclaim()));
-                    }
-                }
-            }
-        }
-        for (i, conns) in reclaimed {
-            for conn in conns.into_iter().rev() {
-                self.listeners[i].pending_connections.push_front(conn);
-            }
-        }
-        let Some(w) = self.workers.get_mut(&pid.as_raw()) else {
-            return;
-        };
-        w.unhealthy |= unhealthy;
-        w.ready_deadline = None;
-        w.watchdog_deadline = None;
-        if let Err(e) = kill(pid, signal) {
-            log::debug!("kill({pid}, {}) failed: {e}", signal.as_str());
-        }
-        self.fleet_changed();
-    }
-
-    /// Act on everything due: signals, exits, deadlines, restarts, health, status.
-    pub(super) fn manage(&mut self, now: Instant) {
-        if !self.dirty && self.armed.is_some_and(|a| now < a) {
-            return;
-        }
-        self.dirty = false;
-        while let Some(sig) = self.queued_signals.pop_front() {
-            self.handle_signal(sig, now);
-        }
-        // Read what workers said before reaping them: a worker's last words (STOPPING=1)
-        // must not arrive after it is forgotten.
-        self.read_notifications();
-        self.reap(now);
-        self.enforce_deadlines(now);
-        self.restart_due(now);
-        self.advance_reload(now);
-        self.check_wedged(now);
-        self.flush_all_pending();
-        self.resume_paused_listeners(now);
-        self.check_fleet(now);
-        self.tick_health(now);
-        self.refresh_status(now);
-    }
-
-    fn handle_signal(&mut self, sig: Signal, now: Instant) {
-        match sig {
-            Signal::SIGTERM | Signal::SIGINT => {
-                self.stop(exit::OK, &format!("received {}", sig.as_str()))
-            }
-            Signal::SIGCHLD => {} // reaped right after
-            Signal::SIGTTIN | Signal::SIGTTOU => {
-                let n = if sig == Signal::SIGTTIN {
-                    self.slots.len() + 1
-                } else {
-                    self.slots.len().saturating_sub(1)
-                };
-                if let Err(e) = self.scale(n, now) {
-                    log::warn!("{} ignored: {e}", sig.as_str());
-                }
-            }
-            Signal::SIGHUP => {
-                if let Err(e) = self.reload(now, None) {
-                    log::warn!("reload (SIGHUP) refused: {e}");
-                }
-            }
-            _ => {}
+    /// Replace the workers the dispatch owners found unable to take connections (a broken
+    /// channel; with `wedge_check`, also wedged ones).
+    pub(super) fn replace_troubled(&mut self, wedge_check: Option<Instant>, now: Instant) {
+        for t in self.dispatch.troubles(wedge_check) {
+            let signal = if t.hung {
+                Signal::SIGABRT
+            } else {
+                Signal::SIGTERM
+            };
+            self.stop_worker(t.pid, signal, Departure::Failed, &t.reason, now);
         }
     }
 
     /// Change the number of slots. Removed slots' workers are drained.
     pub(super) fn scale(&mut self, workers: usize, now: Instant) -> Result<String, String> {
-        if matches!(self.phase, Phase::Stopping { .. }) {
+        if self.stopping() {
             return Err("sockvisor is stopping".to_string());
         }
         if self.reload.is_some() {
@@ -411,69 +344,67 @@ impl Supervisor {
         let before = self.slots.len();
         if workers > before {
             log::info!("scaling up from {before} to {workers} workers");
-            self.slots.resize_with(workers, Default::default);
+            self.slots.resize_with(workers, Slot::default);
             for slot in before..workers {
-                self.spawn(slot, now);
+                self.start_slot(slot, now);
             }
         } else if workers < before {
             log::info!("scaling down from {before} to {workers} workers");
             self.drop_slots_from(workers, "scaled down", now);
         }
         self.config.workers = workers;
-        self.fleet_changed();
+        self.dirty = true;
         Ok(format!("scaled from {before} to {workers} workers"))
     }
 
-    fn enforce_deadlines(&mut self, now: Instant) {
-        let mut actions = Vec::new();
-        for w in self.workers.values() {
-            if w.kill_at.is_some_and(|t| now >= t) {
-                actions.push((
-                    w.pid,
-                    Signal::SIGKILL,
-                    "did not stop within the stop timeout",
-                    false,
-                ));
-            } else if w.ready_deadline.is_some_and(|t| now >= t) {
-                actions.push((
-                    w.pid,
-                    Signal::SIGTERM,
-                    "not ready within the ready timeout",
-                    true,
-                ));
-            } else if w.watchdog_deadline.is_some_and(|t| now >= t) {
-                actions.push((w.pid, Signal::SIGABRT, "watchdog timeout", true));
+    /// SIGKILL what outlived its stop timeout; stop what missed its ready deadline or its
+    /// watchdog.
+    pub(super) fn enforce_deadlines(&mut self, now: Instant) {
+        let due = |t: Option<Instant>| t.is_some_and(|t| now >= t);
+        let mut overdue = Vec::new();
+        for w in self.workers.values_mut() {
+            match w.state {
+                WorkerState::Stopping { departure, kill_at } if due(kill_at) => {
+                    log::warn!(
+                        "pid {} did not stop within the stop timeout; sending SIGKILL",
+                        w.pid
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.state = WorkerState::Stopping {
+                        departure,
+                        kill_at: None,
+                    };
+                }
+                WorkerState::Starting { ready_by } if now >= ready_by => {
+                    overdue.push((w.pid, Signal::SIGTERM, "not ready within the ready timeout"));
+                }
+                _ if due(w.watchdog_deadline) => {
+                    overdue.push((w.pid, Signal::SIGABRT, "watchdog timeout"));
+                }
+                _ => {}
             }
         }
-        for (pid, sig, reason, unhealthy) in actions {
-            if sig == Signal::SIGKILL {
-                log::warn!("pid {pid} {reason}; sending SIGKILL");
-                let _ = kill(pid, Signal::SIGKILL);
-                if let Some(w) = self.workers.get_mut(&pid.as_raw()) {
-                    w.kill_at = None;
-                }
-            } else {
-                self.murder(pid, sig, reason, unhealthy, now);
-            }
+        for (pid, signal, reason) in overdue {
+            self.stop_worker(pid, signal, Departure::Failed, reason, now);
         }
     }
 
-    fn restart_due(&mut self, now: Instant) {
-        if matches!(self.phase, Phase::Stopping { .. }) {
+    pub(super) fn restart_due(&mut self, now: Instant) {
+        if self.stopping() {
             return;
         }
         for slot in 0..self.slots.len() {
             let s = &self.slots[slot];
             if s.current.is_none() && !s.disabled && s.restart_at.is_some_and(|t| now >= t) {
-                self.spawn(slot, now);
+                self.start_slot(slot, now);
             }
         }
     }
 
     /// Give up when no slot can run: every slot failed `give_up_after` times in a row or
     /// exited with a fatal code.
-    fn check_fleet(&mut self, _now: Instant) {
-        if matches!(self.phase, Phase::Stopping { .. }) || self.slots.is_empty() {
+    pub(super) fn check_fleet(&mut self) {
+        if self.stopping() || self.slots.is_empty() {
             return;
         }
         let backoff = &self.config.backoff;
@@ -481,43 +412,40 @@ impl Supervisor {
             .slots
             .iter()
             .all(|s| s.disabled || (s.current.is_none() && s.history.exhausted(backoff)));
-        if all_failing {
-            let reason = if self.slots.iter().all(|s| s.disabled) {
-                "every worker exited with a fatal status".to_string()
-            } else {
-                format!(
-                    "every worker slot failed {} times in a row",
-                    self.config.backoff.give_up_after
-                )
-            };
-            log::error!(
-                "giving up: {reason}; exiting with status {}",
-                exit::FLEET_FAILED
-            );
-            self.upstream
-                .failed(libc::ECHILD, &format!("failed: {reason}"));
-            self.stop(exit::FLEET_FAILED, &reason);
+        if !all_failing {
+            return;
         }
+        let reason = if self.slots.iter().all(|s| s.disabled) {
+            "every worker exited with a fatal status".to_string()
+        } else {
+            format!(
+                "every worker slot failed {} times in a row",
+                self.config.backoff.give_up_after
+            )
+        };
+        log::error!(
+            "giving up: {reason}; exiting with status {}",
+            exit::FLEET_FAILED
+        );
+        self.upstream
+            .failed(libc::ECHILD, &format!("failed: {reason}"));
+        self.stop(exit::FLEET_FAILED, &reason);
     }
 
     /// Stop for good: `STOPPING=1`, stop accepting, hand over what was accepted, SIGTERM
     /// every worker (SIGKILL after the stop timeout); `run` returns once all are reaped.
     pub(super) fn stop(&mut self, exit_code: i32, reason: &str) {
-        if let super::Phase::Stopping { .. } = self.phase {
+        if self.stopping() {
             return;
         }
         log::info!("stopping: {reason}");
         self.phase = Phase::Stopping { exit_code };
         self.upstream.stopping(&format!("stopping: {reason}"));
-        for i in 0..self.listeners.len() {
-            self.pause_listener(i);
-            self.listeners[i].resume_at = None;
-        }
-        self.flush_all_pending();
+        self.dispatch.stop(&self.poller);
         let now = Instant::now();
-        let pids: Vec<Pid> = self.workers.values().map(|w| w.pid).collect();
+        let pids: Vec<Pid> = self.workers.keys().copied().collect();
         for pid in pids {
-            self.murder(pid, Signal::SIGTERM, "stopping", false, now);
+            self.stop_worker(pid, Signal::SIGTERM, Departure::Retired, "stopping", now);
         }
         for s in &mut self.slots {
             s.restart_at = None;
@@ -527,47 +455,6 @@ impl Supervisor {
 
     /// Last words before `run` returns.
     pub(super) fn finish(&mut self) {
-        let lost: usize = self
-            .listeners
-            .iter()
-            .map(|l| l.pending_connections.len())
-            .sum();
-        if lost > 0 {
-            log::warn!("{lost} accepted connections had no worker left to serve them at stop");
-        }
         log::info!("stopped: {}", self.final_report());
-    }
-
-    /// The earliest moment something is due.
-    pub(super) fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let workers = self
-            .workers
-            .values()
-            .flat_map(|w| [w.kill_at, w.ready_deadline, w.watchdog_deadline]);
-        let slots = self.slots.iter().map(|s| s.restart_at);
-        // An EMFILE pause only matters for a listener that will be resumed.
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
-        let listeners = self.listeners.iter().map(|l| {
-            l.resume_at
-                .filter(|_| !l.polling && l.pending_connections.is_empty() && !stopping)
-        });
-        let reload = self.reload.as_ref().map(|r| r.deadline());
-        let retry = self
-            .listeners
-            .iter()
-            .any(|l| !l.pending_connections.is_empty())
-            .then(|| now + super::dispatching::PENDING_RETRY);
-        workers
-            .chain(slots)
-            .chain(listeners)
-            .chain([
-                retry,
-                self.health.next_deadline(),
-                self.status.next_deadline(),
-                self.next_wedge_check(),
-                reload,
-            ])
-            .flatten()
-            .min()
     }
 }

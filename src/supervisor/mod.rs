@@ -1,36 +1,39 @@
 //! The supervisor: one event loop (epoll + signalfd + timerfd) that owns the fleet.
 //!
-//! One idea per file, all of them `impl Supervisor` blocks over the state declared here:
-//! - `fleet`: the worker table (workers by pid, slots by `SOCKVISOR_WORKER_ID`);
-//! - `lifecycle`: spawn, reap, murder, restart with backoff, stop (gunicorn's verbs);
-//! - `dispatching`: accept and hand connections to workers, pending queue, backpressure;
+//! This file is the loop, top to bottom: [`Supervisor::run`] waits, turns every event into
+//! state changes ([`Supervisor::handle_event`]; signals are only queued), then
+//! [`Supervisor::manage`] acts once per wake-up on what is due, and the timer is armed for
+//! the next deadline ([`Supervisor::next_deadline`]). The other files hold verbs:
+//! - `lifecycle`: fork, reap, stop and restart workers; scale; the fleet's stop and give-up;
+//! - `reload`: reload in generations, rollback;
 //! - `health`: workers' notifications, readiness, worker watchdogs, the upstream watchdog;
-//! - `status`: summaries for `STATUS=`, the log and the control socket.
+//! - `status` and `commands`: summaries, and requests from the control socket;
+//! - `fleet`: the worker table; `backoff`: restart delays.
 //!
-//! The loop: wait; turn every event into state changes (signals are only queued); then
-//! `manage` once per wake-up acts on what is due.
+//! Connections are not handled here: the [`Dispatcher`] owns listeners, channels and
+//! pending connections; the supervisor tells it what happens to the fleet.
 
 mod backoff;
 mod commands;
-mod dispatching;
 mod fleet;
 mod health;
 mod lifecycle;
 mod reload;
 mod status;
 
-use crate::activation::{self, Listener};
-use crate::config::{Config, DispatchPolicy, Sources};
-use crate::dispatch::Policy;
+use crate::activation;
+use crate::config::{Config, Sources};
+use crate::dispatch::{Dispatcher, Settings};
+use crate::poller::{self, Poller, Token};
 use crate::spawn;
 use crate::systemd::Upstream;
 use crate::worker_notify::NotifyServer;
 use fleet::{Slot, Worker};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -51,18 +54,6 @@ pub fn handled_signals() -> SigSet {
     set
 }
 
-// epoll tokens. Channel tokens carry the worker's pid and the listener index.
-const TOKEN_SIGNAL: u64 = 1;
-const TOKEN_TIMER: u64 = 2;
-const TOKEN_NOTIFY: u64 = 3;
-const TOKEN_CONTROL: u64 = 4;
-const TOKEN_LISTENER: u64 = 1 << 16;
-const TOKEN_CHANNEL: u64 = 1 << 40;
-
-fn channel_token(pid: nix::unistd::Pid, listener: usize) -> u64 {
-    TOKEN_CHANNEL | (pid.as_raw() as u64) << 8 | listener as u64
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// The initial fleet is not ready yet: no `READY=1` upstream.
@@ -74,25 +65,6 @@ enum Phase {
     },
 }
 
-/// A listener and its dispatch state.
-struct ListenerState {
-    listener: Listener,
-    policy: Policy,
-    /// Accepted connections no worker could take yet (a dead worker's queue lands here too).
-    pending_connections: VecDeque<OwnedFd>,
-    /// Registered in epoll. Not while pending connections wait, nor during an EMFILE pause.
-    polling: bool,
-    /// Accepting paused (EMFILE) until then.
-    resume_at: Option<Instant>,
-    accepted: u64,
-}
-
-impl ListenerState {
-    fn dispatched(&self) -> bool {
-        self.listener.policy != DispatchPolicy::Shared
-    }
-}
-
 pub struct Supervisor {
     config: Config,
     /// Where the config came from, re-read on reload.
@@ -100,18 +72,16 @@ pub struct Supervisor {
     /// The reload in progress.
     reload: Option<reload::Reload>,
     command: spawn::Command,
-    listeners: Vec<ListenerState>,
+    dispatch: Dispatcher,
     /// Live workers (not yet reaped), by pid.
-    workers: BTreeMap<i32, Worker>,
+    workers: BTreeMap<Pid, Worker>,
     slots: Vec<Slot>,
-    /// Workers that may receive connections, ordered by slot: rebuilt when the fleet changes.
-    ready_workers: Vec<nix::unistd::Pid>,
     generation: u64,
     phase: Phase,
     notify: NotifyServer,
     control: Option<crate::control::ControlServer>,
     upstream: Upstream,
-    epoll: Epoll,
+    poller: Poller,
     signals: SignalFd,
     timer: TimerFd,
     /// The deadline the timer is armed for.
@@ -122,9 +92,6 @@ pub struct Supervisor {
     dirty: bool,
     health: health::HealthState,
     status: status::StatusState,
-    /// Scratch buffers reused on the dispatch path.
-    order_buf: Vec<usize>,
-    candidates_buf: Vec<crate::dispatch::Candidate>,
 }
 
 /// Why the supervisor could not start; `main` prints it and exits with `exit_code`.
@@ -161,6 +128,14 @@ fn raise_fd_limit() {
     }
 }
 
+/// What the dispatch owners take from the config (a reload may change it).
+fn dispatch_settings(config: &Config) -> Settings {
+    Settings {
+        window: config.window,
+        wedged_after: config.wedged_after,
+    }
+}
+
 impl Supervisor {
     pub fn new(
         config: Config,
@@ -176,6 +151,13 @@ impl Supervisor {
         .map_err(|e| config_error(format!("command: {e}")))?;
         let listeners = activation::listeners(passed, &config.listeners, config.dispatch)
             .map_err(|e| config_error(e.to_string()))?;
+        if listeners.len() > poller::MAX_LISTENERS {
+            return Err(config_error(format!(
+                "{} listeners: at most {} are supported",
+                listeners.len(),
+                poller::MAX_LISTENERS
+            )));
+        }
         raise_fd_limit();
         let worker_gid = command.credentials().map(|c| c.gid);
         let notify = NotifyServer::bind_private(worker_gid)
@@ -199,8 +181,7 @@ impl Supervisor {
                 }
             },
         };
-        let epoll =
-            Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| internal("epoll", e))?;
+        let poller = Poller::new().map_err(|e| internal("epoll", e))?;
         let signals = SignalFd::with_flags(
             &handled_signals(),
             SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
@@ -211,61 +192,44 @@ impl Supervisor {
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
         )
         .map_err(|e| internal("timerfd", e))?;
-        let ev = |token| EpollEvent::new(EpollFlags::EPOLLIN, token);
-        epoll
-            .add(signals.as_fd(), ev(TOKEN_SIGNAL))
-            .map_err(|e| internal("epoll", e))?;
-        epoll
-            .add(timer.as_fd(), ev(TOKEN_TIMER))
-            .map_err(|e| internal("epoll", e))?;
-        epoll
-            .add(notify.as_fd(), ev(TOKEN_NOTIFY))
-            .map_err(|e| internal("epoll", e))?;
+        let mut fds = vec![
+            (signals.as_fd(), Token::Signal),
+            (timer.as_fd(), Token::Timer),
+            (notify.as_fd(), Token::Notify),
+        ];
         if let Some(c) = &control {
-            epoll
-                .add(c.as_fd(), ev(TOKEN_CONTROL))
+            fds.push((c.as_fd(), Token::Control));
+        }
+        for (fd, token) in fds {
+            poller
+                .register(fd, token)
                 .map_err(|e| internal("epoll", e))?;
         }
-        let listeners: Vec<ListenerState> = listeners
-            .into_iter()
-            .map(|listener| ListenerState {
-                policy: Policy::new(listener.policy),
-                listener,
-                pending_connections: VecDeque::new(),
-                polling: false,
-                resume_at: None,
-                accepted: 0,
-            })
-            .collect();
         for l in &listeners {
             log::info!(
                 "listening on {} ({}, {}{})",
-                l.listener.address,
-                l.listener.name,
-                l.listener.policy.name(),
-                if l.listener.from_systemd {
-                    ", from systemd"
-                } else {
-                    ""
-                }
+                l.address,
+                l.name,
+                l.policy.name(),
+                if l.from_systemd { ", from systemd" } else { "" }
             );
         }
+        let dispatch = Dispatcher::new(listeners, dispatch_settings(&config));
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
         Ok(Supervisor {
             config,
             sources,
             reload: None,
             command,
-            listeners,
+            dispatch,
             workers: BTreeMap::new(),
             slots,
-            ready_workers: Vec::new(),
             generation: 1,
             phase: Phase::Starting,
             notify,
             control,
             upstream,
-            epoll,
+            poller,
             signals,
             timer,
             armed: None,
@@ -273,24 +237,19 @@ impl Supervisor {
             dirty: true,
             health: health::HealthState::default(),
             status: status::StatusState::default(),
-            order_buf: Vec::new(),
-            candidates_buf: Vec::new(),
         })
     }
 
     /// Start the fleet and run until it stops. Returns the exit code.
     pub fn run(mut self) -> i32 {
         let now = Instant::now();
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].dispatched() {
-                self.resume_listener(i);
-            }
-        }
+        self.dispatch.start(&self.poller);
         self.health.start(&self.upstream, now);
         for slot in 0..self.slots.len() {
-            self.spawn(slot, now);
+            self.start_slot(slot, now);
         }
-        let mut events = vec![EpollEvent::empty(); 64];
+        let mut events = poller::event_buffer();
+        let mut tokens = Vec::new();
         loop {
             let now = Instant::now();
             self.manage(now);
@@ -301,24 +260,24 @@ impl Supervisor {
                 }
             }
             self.arm_timer(now);
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
-                Ok(n) => n,
+            match self.poller.wait(&mut events, &mut tokens) {
+                Ok(()) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     log::error!("epoll_wait failed: {e}; stopping");
                     self.stop(crate::exit::INTERNAL, "internal error");
                     continue;
                 }
-            };
-            for ev in &events[..n] {
-                self.handle_event(ev.data());
+            }
+            for &token in &tokens {
+                self.handle_event(token);
             }
         }
     }
 
-    fn handle_event(&mut self, token: u64) {
+    fn handle_event(&mut self, token: Token) {
         match token {
-            TOKEN_SIGNAL => {
+            Token::Signal => {
                 while let Ok(Some(info)) = self.signals.read_signal() {
                     if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
                         self.queued_signals.push_back(sig);
@@ -326,21 +285,84 @@ impl Supervisor {
                 }
                 self.dirty = true;
             }
-            TOKEN_TIMER => {
+            Token::Timer => {
                 let _ = self.timer.wait();
                 self.armed = None;
                 self.dirty = true;
             }
-            TOKEN_NOTIFY => self.read_notifications(),
-            TOKEN_CONTROL => self.serve_control(),
-            t if t >= TOKEN_CHANNEL => {
-                let pid = ((t & !TOKEN_CHANNEL) >> 8) as i32;
-                let listener = (t & 0xff) as usize;
-                self.read_close_reports(pid, listener);
+            Token::Notify => self.read_notifications(),
+            Token::Control => self.serve_control(),
+            Token::Listener(_) | Token::Channel { .. } => {
+                let now = Instant::now();
+                self.dispatch.handle(token, &self.poller, now);
+                self.replace_troubled(None, now);
             }
-            t if t >= TOKEN_LISTENER => self.accept((t - TOKEN_LISTENER) as usize),
+        }
+    }
+
+    /// Act on everything due: signals, exits, deadlines, restarts, health, status.
+    fn manage(&mut self, now: Instant) {
+        if !self.dirty && self.armed.is_some_and(|a| now < a) {
+            return;
+        }
+        self.dirty = false;
+        while let Some(sig) = self.queued_signals.pop_front() {
+            self.handle_signal(sig, now);
+        }
+        // Read what workers said before reaping them: a worker's last words (STOPPING=1)
+        // must not arrive after it is forgotten.
+        self.read_notifications();
+        self.reap(now);
+        self.enforce_deadlines(now);
+        self.restart_due(now);
+        self.advance_reload(now);
+        self.replace_troubled(Some(now), now);
+        self.dispatch.flush(&self.poller, now);
+        self.check_fleet();
+        self.tick_health(now);
+        self.refresh_status(now);
+    }
+
+    fn handle_signal(&mut self, sig: Signal, now: Instant) {
+        match sig {
+            Signal::SIGTERM | Signal::SIGINT => {
+                self.stop(crate::exit::OK, &format!("received {}", sig.as_str()))
+            }
+            Signal::SIGCHLD => {} // reaped right after
+            Signal::SIGTTIN | Signal::SIGTTOU => {
+                let n = if sig == Signal::SIGTTIN {
+                    self.slots.len() + 1
+                } else {
+                    self.slots.len().saturating_sub(1)
+                };
+                if let Err(e) = self.scale(n, now) {
+                    log::warn!("{} ignored: {e}", sig.as_str());
+                }
+            }
+            Signal::SIGHUP => {
+                if let Err(e) = self.reload(now, None) {
+                    log::warn!("reload (SIGHUP) refused: {e}");
+                }
+            }
             _ => {}
         }
+    }
+
+    /// The earliest moment something is due.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let workers = self.workers.values().map(Worker::deadline);
+        let slots = self.slots.iter().map(|s| s.restart_at);
+        let reload = self.reload.as_ref().map(|r| r.deadline());
+        workers
+            .chain(slots)
+            .chain([
+                self.dispatch.next_deadline(now),
+                self.health.next_deadline(),
+                self.status.next_deadline(),
+                reload,
+            ])
+            .flatten()
+            .min()
     }
 
     /// Arm the timer for the earliest deadline (only when it changed: one syscall saved per
@@ -368,17 +390,8 @@ impl Supervisor {
         }
     }
 
-    fn register(&self, fd: impl AsFd, token: u64) {
-        if let Err(e) = self
-            .epoll
-            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
-        {
-            log::error!("epoll_ctl(ADD) failed: {e}");
-        }
-    }
-
-    fn unregister(&self, fd: impl AsFd) {
-        let _ = self.epoll.delete(fd);
+    fn stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. })
     }
 }
 

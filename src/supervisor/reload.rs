@@ -80,7 +80,7 @@ impl Supervisor {
             );
             return Ok(());
         }
-        if let Phase::Stopping { .. } = self.phase {
+        if self.stopping() {
             return Err("sockvisor is stopping".to_string());
         }
         if self.phase == Phase::Running {
@@ -113,7 +113,7 @@ impl Supervisor {
             Err(e) => return Err(e.to_string()),
         };
         if listener_plan(&new) != listener_plan(&self.config) {
-            let why = if self.listeners.iter().any(|l| l.listener.from_systemd) {
+            let why = if self.dispatch.listeners().any(|l| l.from_systemd) {
                 "listeners come from systemd and cannot change without a restart (systemctl restart)"
             } else {
                 "listeners cannot change on reload; restart sockvisor to apply them"
@@ -139,6 +139,8 @@ impl Supervisor {
         if workers > self.slots.len() {
             self.slots.resize_with(workers, Default::default);
         }
+        self.dispatch
+            .set_settings(super::dispatch_settings(&self.config));
         log::info!(
             "reload: starting generation {} ({} workers, surge {})",
             reload.generation,
@@ -156,19 +158,19 @@ impl Supervisor {
         let Some(mut r) = self.reload.take() else {
             return;
         };
-        if let Phase::Stopping { .. } = self.phase {
+        if self.stopping() {
             self.answer_waiters(&r.waiters, Err("sockvisor is stopping".to_string()));
             return;
         }
         let mut failure = None;
         for (slot, pid) in std::mem::take(&mut r.starting) {
-            match self.workers.get(&pid.as_raw()) {
+            match self.workers.get(&pid) {
                 None => {
                     failure = Some(format!(
                         "the new worker for slot {slot} exited before it was ready"
                     ))
                 }
-                Some(w) if w.dispatchable() => self.switch_slot(slot, pid, r.generation, now),
+                Some(w) if w.ready() => self.switch_slot(slot, pid, r.generation, now),
                 Some(_) => {
                     r.starting.insert(slot, pid);
                 }
@@ -190,7 +192,7 @@ impl Supervisor {
             let Some(slot) = r.to_replace.pop_front() else {
                 break;
             };
-            match self.spawn_worker(slot, now, false) {
+            match self.fork_worker(slot, now, false) {
                 Some(pid) => {
                     r.starting.insert(slot, pid);
                 }
@@ -226,7 +228,7 @@ impl Supervisor {
         let status = format!("{}; {}", message, self.summary());
         self.reload_ended(status, now);
         self.answer_waiters(&r.waiters, Ok(message));
-        self.fleet_changed();
+        self.dirty = true;
     }
 
     /// The new generation failed: stop its workers and go back to the old configuration.
@@ -240,6 +242,8 @@ impl Supervisor {
             self.retire(*pid, "its generation is rolled back", now);
         }
         self.config = r.old_config;
+        self.dispatch
+            .set_settings(super::dispatch_settings(&self.config));
         self.command = r.old_command;
         self.generation = r.old_generation;
         let old_count = self.config.workers;
@@ -250,7 +254,7 @@ impl Supervisor {
             .filter_map(|(i, s)| s.current.map(|p| (i, p)))
             .filter(|(_, p)| {
                 self.workers
-                    .get(&p.as_raw())
+                    .get(p)
                     .is_some_and(|w| w.generation == r.generation)
             })
             .collect();
@@ -258,7 +262,7 @@ impl Supervisor {
             self.retire(pid, "its generation is rolled back", now);
             self.slots[slot].current = None;
             if slot < old_count {
-                self.spawn(slot, now);
+                self.start_slot(slot, now);
             }
         }
         self.drop_slots_from(old_count, "its generation is rolled back", now);
@@ -266,6 +270,6 @@ impl Supervisor {
         let status = format!("{message}; {}", self.summary());
         self.reload_ended(status, now);
         self.answer_waiters(&r.waiters, Err(message));
-        self.fleet_changed();
+        self.dirty = true;
     }
 }

@@ -1,6 +1,7 @@
 //! Summaries of the fleet: the `STATUS=` line, the log at stop, the control socket's view.
 
 use super::{Phase, Supervisor};
+use crate::control::{FleetStatus, ListenerStatus, WorkerStatus};
 use std::time::{Duration, Instant};
 
 /// `STATUS=` is refreshed at most this often when only counters changed.
@@ -12,7 +13,6 @@ pub(super) struct StatusState {
     sent_at: Option<Instant>,
     /// A worker's `STATUS=` changed.
     pub changed: bool,
-    pub wedge_checked: Option<Instant>,
     pub start_extended: bool,
 }
 
@@ -41,24 +41,22 @@ impl Supervisor {
             self.slots.len(),
             self.restarts()
         );
-        if self.listeners.iter().any(|l| l.dispatched()) {
-            let accepted: u64 = self.listeners.iter().map(|l| l.accepted).sum();
-            let pending: usize = self
-                .listeners
-                .iter()
-                .map(|l| l.pending_connections.len())
-                .sum();
-            let queued: usize = self
+        if self.dispatch.accepts() {
+            let (mut accepted, mut pending) = (0, 0);
+            for (_, f) in self.dispatch.figures() {
+                accepted += f.accepted.unwrap_or(0);
+                pending += f.pending;
+            }
+            let queued: u64 = self
                 .workers
-                .values()
-                .flat_map(|w| w.channels.iter().flatten())
-                .map(|c| c.channel.queued())
+                .keys()
+                .map(|&pid| self.dispatch.worker_figures(pid).queued)
                 .sum();
             s.push_str(&format!(
                 ", {accepted} connections accepted, {queued} queued, {pending} pending"
             ));
         }
-        if let Phase::Stopping { .. } = self.phase {
+        if self.stopping() {
             s.insert_str(0, "stopping: ");
         }
         s
@@ -96,10 +94,63 @@ impl Supervisor {
 
     /// Per-worker figures for the log at stop.
     pub(super) fn final_report(&self) -> String {
-        let accepted: u64 = self.listeners.iter().map(|l| l.accepted).sum();
+        let accepted: u64 = self
+            .dispatch
+            .figures()
+            .filter_map(|(_, f)| f.accepted)
+            .sum();
         format!(
             "{accepted} connections accepted, {} restarts",
             self.restarts()
         )
+    }
+
+    /// Everything `sockvisor status` shows.
+    pub(super) fn fleet_status(&self, now: Instant) -> FleetStatus {
+        let workers = self
+            .workers
+            .values()
+            .map(|w| {
+                let figures = self.dispatch.worker_figures(w.pid);
+                WorkerStatus {
+                    slot: w.slot,
+                    pid: w.pid.as_raw(),
+                    generation: w.generation,
+                    state: w.state_name().to_string(),
+                    uptime_secs: now.saturating_duration_since(w.started).as_secs_f64(),
+                    restarts: self.slots.get(w.slot).map_or(0, |s| s.history.restarts),
+                    dispatched: figures.dispatched,
+                    queued: figures.queued,
+                    open: figures.open,
+                    status: w.last_status.clone(),
+                }
+            })
+            .collect();
+        let listeners = self
+            .dispatch
+            .figures()
+            .map(|(l, figures)| ListenerStatus {
+                name: l.name.clone(),
+                address: l.address.clone(),
+                policy: l.policy.name().to_string(),
+                accepted: figures.accepted.unwrap_or(0),
+                pending: figures.pending,
+            })
+            .collect();
+        FleetStatus {
+            pid: std::process::id() as i32,
+            generation: self.generation,
+            state: match self.phase {
+                Phase::Starting => "starting",
+                Phase::Running if self.reload.is_some() => "reloading",
+                Phase::Running => "running",
+                Phase::Stopping { .. } => "stopping",
+            }
+            .to_string(),
+            workers_wanted: self.slots.len(),
+            summary: self.summary(),
+            workers,
+            listeners,
+        }
     }
 }
