@@ -368,9 +368,9 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
     let policy = resolve_policy(kind, spec.policy);
     let bind_err = |what: &str, e: Errno| {
         let hint = match e {
-            Errno::EADDRINUSE => ": the address is already in use (another process listens there)",
-            Errno::EACCES => ": permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE; check the directory's permissions)",
-            Errno::EADDRNOTAVAIL => ": no local interface has this address",
+            Errno::EADDRINUSE => " (another process listens there)",
+            Errno::EACCES => " (ports below 1024 need root or CAP_NET_BIND_SERVICE; for a unix socket, check the directory's permissions)",
+            Errno::EADDRNOTAVAIL => " (no local interface has this address)",
             _ => "",
         };
         ActivationError(format!(
@@ -573,7 +573,7 @@ mod tests {
             DispatchPolicy::RoundRobin,
         ));
         assert!(
-            e.contains("listener \"web\"") && e.contains("already in use"),
+            e.contains("listener \"web\"") && e.contains("Address already in use"),
             "{e}"
         );
         let e = err(listeners(

@@ -41,7 +41,7 @@ pub mod poller;
 pub mod protocol;
 pub mod spawn;
 pub mod supervisor;
-pub mod systemd;
+pub mod upstream;
 pub mod worker;
 pub mod worker_notify;
 

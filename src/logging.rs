@@ -54,3 +54,51 @@ pub fn init() {
     });
     let _ = builder.try_init();
 }
+
+/// A message that may repeat for every connection or datagram, logged at most once per
+/// interval with how many times it happened meanwhile.
+#[derive(Debug)]
+pub struct Throttle {
+    interval: std::time::Duration,
+    logged_at: Option<std::time::Instant>,
+    /// Occurrences so far.
+    pub count: u64,
+}
+
+impl Throttle {
+    pub const fn new(interval: std::time::Duration) -> Throttle {
+        Throttle {
+            interval,
+            logged_at: None,
+            count: 0,
+        }
+    }
+
+    /// Count one occurrence; true when it should be logged now.
+    pub fn hit(&mut self, now: std::time::Instant) -> bool {
+        self.count += 1;
+        if self.logged_at.is_some_and(|t| now < t + self.interval) {
+            return false;
+        }
+        self.logged_at = Some(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn throttle_logs_once_per_interval_and_counts_all() {
+        let mut t = Throttle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert!(t.hit(t0));
+        for i in 1..1000 {
+            assert!(!t.hit(t0 + Duration::from_millis(i)));
+        }
+        assert!(t.hit(t0 + Duration::from_secs(10)));
+        assert_eq!(t.count, 1001);
+    }
+}

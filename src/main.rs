@@ -1,25 +1,49 @@
 //! `sockvisor`: run a fleet, or talk to a running one.
 
 use sockvisor::config::{self, Invocation, Sources};
-use sockvisor::{activation, control, exit, logging, supervisor, systemd};
+use sockvisor::{activation, control, exit, logging, supervisor, upstream};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Open `/dev/null` on each of fds 0-2 that is closed, so no socket sockvisor opens later
+/// lands there and reaches workers as their stdin, stdout or stderr.
+fn fill_std_fds() {
+    use std::os::fd::IntoRawFd;
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on a raw fd number only asks whether it is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // The lowest free fd is `fd` (the ones below it are open): it lands there, for good.
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            Ok(f) => {
+                let _ = f.into_raw_fd();
+            }
+            Err(_) => std::process::exit(exit::INTERNAL),
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    fill_std_fds();
     // Before anything else, and before any thread could exist: block the signals the
     // supervisor reads from its signalfd, take systemd's fds and unset LISTEN_* and
     // WATCHDOG_* (invariants 1 and 2).
     if let Err(e) = supervisor::handled_signals().thread_block() {
-        eprintln!("sockvisor: cannot block signals: {e}");
+        eprintln!("sockvisor: error cannot block signals: {e}");
         return ExitCode::from(exit::INTERNAL as u8);
     }
     logging::init();
     let passed = activation::take_from_env();
-    let upstream = systemd::Upstream::from_env();
+    let upstream = upstream::Upstream::from_env();
     let sources = Sources::from_process();
     let code = match config::load(&sources) {
         Err(e) => {
-            eprintln!("sockvisor: {e}");
+            log::error!("{e}");
             exit::CONFIG
         }
         Ok(Invocation::Help(text)) => {

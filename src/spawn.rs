@@ -190,13 +190,19 @@ pub struct WorkerSetup<'a> {
 
 /// Everything the child touches, allocated before fork.
 struct Prepared {
-    envp_storage: Vec<Vec<u8>>,
-    /// Indexes into `envp_storage` of `LISTEN_PID=` / `WATCHDOG_PID=` placeholders, and the
-    /// offset of their digits.
-    pid_slots: Vec<(usize, usize)>,
+    /// The `KEY=VALUE\0` strings; `envp` points into them. Not touched again once `envp` is
+    /// built: the child writes its pid digits only through `pid_digits`, pointers derived
+    /// from the same mutable borrow as `envp` (no reference to the strings is made after).
+    _envp_storage: Vec<Vec<u8>>,
+    envp: Vec<*mut libc::c_char>,
+    /// Where the child writes its pid: the digits of `LISTEN_PID=` / `WATCHDOG_PID=`.
+    pid_digits: Vec<*mut u8>,
     fds: Vec<RawFd>,
     temp_fds: Vec<RawFd>,
     parent: libc::pid_t,
+    /// The soft `RLIMIT_NOFILE` sockvisor started with, given back to the worker (sockvisor
+    /// raises its own; a worker using `select()` must keep the usual 1024).
+    nofile: Option<libc::rlimit>,
 }
 
 fn placeholder(key: &str) -> (Vec<u8>, usize) {
@@ -207,9 +213,28 @@ fn placeholder(key: &str) -> (Vec<u8>, usize) {
     (v, offset)
 }
 
-/// Fork and exec one worker. Returns its pid. The parent's side is plain Rust; the child's
-/// side never returns.
-pub fn spawn(cmd: &Command, setup: &WorkerSetup<'_>) -> nix::Result<Pid> {
+/// The soft and hard `RLIMIT_NOFILE` sockvisor had before it raised its own: what workers get.
+static WORKER_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raise sockvisor's soft fd limit to the hard one (every worker costs it a few fds, and
+/// every connection in flight one), remembering the original for workers.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let _ = WORKER_NOFILE.set(libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            log::debug!("could not raise RLIMIT_NOFILE from {soft} to {hard}: {e}");
+        }
+    }
+}
+
+fn prepare(cmd: &Command, setup: &WorkerSetup<'_>) -> Prepared {
     let mut envp_storage: Vec<Vec<u8>> = cmd
         .base_env
         .iter()
@@ -233,41 +258,71 @@ pub fn spawn(cmd: &Command, setup: &WorkerSetup<'_>) -> nix::Result<Pid> {
         kv.push(0);
         envp_storage.push(kv);
     }
-    let mut prepared = Prepared {
-        envp_storage,
-        pid_slots,
+    let mut envp: Vec<*mut libc::c_char> = envp_storage
+        .iter_mut()
+        .map(|e| e.as_mut_ptr() as *mut libc::c_char)
+        .collect();
+    let pid_digits = pid_slots
+        .iter()
+        // SAFETY: `off` is inside the placeholder string `envp[index]` points to.
+        .map(|&(index, off)| unsafe { (envp[index] as *mut u8).add(off) })
+        .collect();
+    envp.push(std::ptr::null_mut());
+    Prepared {
+        _envp_storage: envp_storage,
+        envp,
+        pid_digits,
         fds: setup.fds.iter().map(|f| f.as_raw_fd()).collect(),
         temp_fds: vec![-1; n],
         parent: nix::unistd::getpid().as_raw(),
-    };
-    // The pointer arrays point into `prepared.envp_storage`, which is not touched again
-    // except by the child writing digits inside the existing buffers.
+        nofile: WORKER_NOFILE.get().copied(),
+    }
+}
+
+impl Prepared {
+    /// Write the child's pid into the placeholders: left-aligned digits, NUL-terminated.
+    /// Async-signal-safe: no allocation.
+    fn patch_pid(&mut self, pid: libc::pid_t) {
+        for &dst in &self.pid_digits {
+            // SAFETY: each `dst` points to PID_DIGITS + 1 writable bytes of a placeholder.
+            unsafe { write_pid(dst, pid) };
+        }
+    }
+}
+
+/// Fork and exec one worker. Returns its pid. The parent's side is plain Rust; the child's
+/// side never returns. The worker leads a process group of its own, so a terminal's
+/// signals (Ctrl-C) reach sockvisor alone, and stopping a worker reaches its children too.
+pub fn spawn(cmd: &Command, setup: &WorkerSetup<'_>) -> nix::Result<Pid> {
+    let mut prepared = prepare(cmd, setup);
     let argv_ptrs: Vec<*const libc::c_char> = cmd
         .argv
         .iter()
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    let envp_ptrs: Vec<*const libc::c_char> = prepared
-        .envp_storage
-        .iter()
-        .map(|e| e.as_ptr() as *const libc::c_char)
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
 
     // SAFETY: sockvisor is single-threaded (invariant 1), and the child runs only
     // `exec_child`, which makes async-signal-safe syscalls on memory prepared above.
     match unsafe { nix::unistd::fork() }? {
-        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Parent { child } => {
+            // Also from the parent, so the group exists before anyone signals it (the
+            // child may not have run yet). EACCES once it has exec'd: it did it itself.
+            let _ = nix::unistd::setpgid(child, child);
+            Ok(child)
+        }
         ForkResult::Child => {
             // SAFETY: we are the freshly forked child of a single-threaded parent.
-            unsafe { exec_child(cmd, &mut prepared, &argv_ptrs, &envp_ptrs) }
+            unsafe { exec_child(cmd, &mut prepared, &argv_ptrs) }
         }
     }
 }
 
-/// Write `value` right-aligned... no: left-aligned, NUL-terminated, into `buf[offset..]`.
-fn write_pid(buf: &mut [u8], offset: usize, value: libc::pid_t) {
+/// Write `value` as decimal digits, left-aligned and NUL-terminated, at `dst`.
+///
+/// # Safety
+/// `dst` must point to at least `PID_DIGITS + 1` writable bytes.
+unsafe fn write_pid(dst: *mut u8, value: libc::pid_t) {
     let mut digits = [0u8; PID_DIGITS];
     let mut v = value as u32;
     let mut len = 0;
@@ -280,9 +335,9 @@ fn write_pid(buf: &mut [u8], offset: usize, value: libc::pid_t) {
         }
     }
     for i in 0..len {
-        buf[offset + i] = digits[len - 1 - i];
+        *dst.add(i) = digits[len - 1 - i];
     }
-    buf[offset + len] = 0;
+    *dst.add(len) = 0;
 }
 
 /// The child between fork and exec. Exit codes when it fails before exec: 126 (fd or signal
@@ -290,15 +345,13 @@ fn write_pid(buf: &mut [u8], offset: usize, value: libc::pid_t) {
 ///
 /// # Safety
 /// Must be called only in a child just forked from a single-threaded process.
-unsafe fn exec_child(
-    cmd: &Command,
-    prepared: &mut Prepared,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-) -> ! {
+unsafe fn exec_child(cmd: &Command, prepared: &mut Prepared, argv: &[*const libc::c_char]) -> ! {
     let me = libc::getpid();
-    for &(index, offset) in &prepared.pid_slots {
-        write_pid(&mut prepared.envp_storage[index], offset, me);
+    prepared.patch_pid(me);
+    // A process group of its own (see `spawn`).
+    libc::setpgid(0, 0);
+    if let Some(nofile) = &prepared.nofile {
+        libc::setrlimit(libc::RLIMIT_NOFILE, nofile);
     }
     // fd placement, two phases: first duplicate every source above the target range (the
     // sources may sit inside 3..3+n, even swapped), then dup2 down. dup2 clears CLOEXEC on
@@ -368,7 +421,11 @@ unsafe fn exec_child(
     if libc::getppid() != prepared.parent {
         libc::_exit(126);
     }
-    libc::execve(cmd.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    libc::execve(
+        cmd.program.as_ptr(),
+        argv.as_ptr(),
+        prepared.envp.as_ptr() as *const *const libc::c_char,
+    );
     libc::_exit(127);
 }
 
@@ -376,20 +433,51 @@ unsafe fn exec_child(
 mod tests {
     use super::*;
 
+    /// The environment as the child would pass it to execve, read through `envp`.
+    fn envp_strings(p: &Prepared) -> Vec<String> {
+        p.envp
+            .iter()
+            .take_while(|e| !e.is_null())
+            // SAFETY: every non-null entry points to a NUL-terminated string in the storage.
+            .map(|&e| {
+                unsafe { std::ffi::CStr::from_ptr(e) }
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Also run under Miri (`cargo +nightly miri test --lib spawn::tests::pid`): the child's
+    /// patching must not write through a reference that `envp` outlived.
     #[test]
-    fn pid_digits() {
-        let (mut buf, off) = placeholder("LISTEN_PID");
-        write_pid(&mut buf, off, 4194303);
-        assert_eq!(
-            CString::from_vec_with_nul(buf[..off + 8].to_vec())
-                .unwrap()
-                .to_str()
-                .unwrap(),
-            "LISTEN_PID=4194303"
+    fn pid_digits_patched_through_envp() {
+        let cmd = Command {
+            program: CString::new("/bin/true").unwrap(),
+            argv: vec![CString::new("true").unwrap()],
+            base_env: vec![CString::new("PATH=/bin").unwrap()],
+            credentials: None,
+        };
+        let env = [("SOCKVISOR_WORKER_ID", "3".to_string())];
+        let setup = WorkerSetup {
+            fds: &[],
+            fd_names: "",
+            env: &env,
+            watchdog_pid: true,
+        };
+        let mut p = prepare(&cmd, &setup);
+        p.patch_pid(4194303);
+        let env = envp_strings(&p);
+        assert!(env.contains(&"LISTEN_PID=4194303".to_string()), "{env:?}");
+        assert!(env.contains(&"WATCHDOG_PID=4194303".to_string()), "{env:?}");
+        p.patch_pid(7);
+        let env = envp_strings(&p);
+        assert!(env.contains(&"LISTEN_PID=7".to_string()), "{env:?}");
+        assert!(
+            env.contains(&"SOCKVISOR_WORKER_ID=3".to_string()),
+            "{env:?}"
         );
-        let (mut buf, off) = placeholder("LISTEN_PID");
-        write_pid(&mut buf, off, 7);
-        assert_eq!(&buf[..off + 2], b"LISTEN_PID=7\0");
+        assert_eq!(env[0], "PATH=/bin");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::activation::Listener;
 use crate::config::DispatchPolicy;
+use crate::logging::Throttle;
 use crate::poller::{Poller, Token};
 use nix::errno::Errno;
 use nix::sys::socket::{accept4, getpeername, SockFlag, SockaddrStorage};
@@ -34,6 +35,8 @@ const PENDING_RETRY: Duration = Duration::from_millis(2);
 const ACCEPT_BATCH: usize = 64;
 /// Accepting pauses this long after EMFILE/ENFILE/ENOBUFS/ENOMEM instead of spinning.
 const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+/// Transient send failures are logged at most this often.
+const SEND_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often channels are checked for wedged workers.
 const WEDGE_CHECK: Duration = Duration::from_secs(1);
 
@@ -90,6 +93,8 @@ pub struct Handoff {
     accepted: u64,
     troubles: Vec<Trouble>,
     wedge_checked: Option<Instant>,
+    /// Transient send failures (`ETOOMANYREFS`, `ENOMEM`): logged now and then.
+    send_failures: Throttle,
     /// Scratch buffers reused for every connection.
     candidates: Vec<Candidate>,
     order: Vec<usize>,
@@ -129,6 +134,7 @@ impl Handoff {
             accepted: 0,
             troubles: Vec::new(),
             wedge_checked: None,
+            send_failures: Throttle::new(SEND_FAILURE_LOG_INTERVAL),
             candidates: Vec::new(),
             order: Vec::new(),
         }
@@ -202,10 +208,15 @@ impl Handoff {
                     conn = back;
                     match err {
                         SendError::Full => c.queued_bound = window,
-                        SendError::Transient(e) => log::warn!(
-                            "worker {} (pid {pid}): send failed: {e}; trying another worker",
-                            c.worker.slot
-                        ),
+                        SendError::Transient(e) => {
+                            if self.send_failures.hit(Instant::now()) {
+                                log::warn!(
+                                    "worker {} (pid {pid}): send failed: {e}; trying another worker ({} such failures so far)",
+                                    c.worker.slot,
+                                    self.send_failures.count
+                                );
+                            }
+                        }
                         SendError::Closed(e) => {
                             // It cannot take connections any more: the supervisor replaces it.
                             c.ready = false;

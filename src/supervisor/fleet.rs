@@ -4,7 +4,7 @@
 //! stopping for one [`Departure`] reason. The reason alone decides what its exit means for
 //! its slot (see [`Departure`]).
 
-use super::backoff::SlotHistory;
+use super::backoff::{SlotHistory, MIN_UPTIME};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,8 @@ pub struct Worker {
     pub generation: u64,
     pub state: WorkerState,
     pub started: Instant,
+    /// When it got ready, if it did.
+    pub ready_at: Option<Instant>,
     pub last_status: Option<String>,
     /// Its watchdog interval (`WatchdogSec=` of workers, or its own `WATCHDOG_USEC=`).
     pub watchdog: Option<Duration>,
@@ -62,6 +64,11 @@ impl Worker {
     /// Counts towards fleet health: ready and not overdue on its watchdog.
     pub fn healthy(&self, now: Instant) -> bool {
         self.ready() && self.watchdog_deadline.is_none_or(|d| now < d)
+    }
+
+    /// It got going: ready, and up for at least [`MIN_UPTIME`] (the give-up rule).
+    pub fn started_up(&self, now: Instant) -> bool {
+        self.ready_at.is_some() && now.saturating_duration_since(self.started) >= MIN_UPTIME
     }
 
     pub fn departure(&self) -> Option<Departure> {

@@ -4,7 +4,8 @@
 use super::fleet::{Departure, WorkerState};
 use super::{Phase, Supervisor};
 use crate::config::ReadyMode;
-use crate::systemd::Upstream;
+use crate::logging::Throttle;
+use crate::upstream::Upstream;
 use crate::worker_notify::Notification;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 /// Messages from processes that are not live workers are logged at most this often.
 const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct HealthState {
     /// When to send the next `WATCHDOG=1` (systemd asked for a watchdog).
     next_ping: Option<Instant>,
@@ -23,8 +24,19 @@ pub(super) struct HealthState {
     /// `WATCHDOG=trigger` was sent for the current unhealthy period.
     triggered: bool,
     /// Notifications dropped because the sender was not a live worker.
-    pub dropped: u64,
-    dropped_logged: Option<Instant>,
+    dropped: Throttle,
+}
+
+impl Default for HealthState {
+    fn default() -> HealthState {
+        HealthState {
+            next_ping: None,
+            ping_interval: None,
+            unhealthy_since: None,
+            triggered: false,
+            dropped: Throttle::new(DROPPED_LOG_INTERVAL),
+        }
+    }
 }
 
 impl HealthState {
@@ -63,17 +75,11 @@ impl Supervisor {
     }
 
     fn drop_notification(&mut self, pid: Option<i32>, now: Instant) {
-        self.health.dropped += 1;
-        if self
-            .health
-            .dropped_logged
-            .is_none_or(|t| now >= t + DROPPED_LOG_INTERVAL)
-        {
-            self.health.dropped_logged = Some(now);
+        if self.health.dropped.hit(now) {
             log::warn!(
                 "ignored a notification from {} (not a live worker; {} ignored so far)",
                 pid.map_or("an unknown sender".to_string(), |p| format!("pid {p}")),
-                self.health.dropped
+                self.health.dropped.count
             );
         }
     }

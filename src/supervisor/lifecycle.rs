@@ -2,12 +2,12 @@
 //! with backoff, scale; the fleet's stop and give-up.
 
 use super::fleet::{Departure, Slot, Worker, WorkerState};
-use super::{Phase, Supervisor};
+use super::{orphans, Phase, Supervisor};
 use crate::config::ReadyMode;
 use crate::dispatch::WorkerRef;
 use crate::exit;
 use crate::spawn::{self, WorkerSetup};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
@@ -118,6 +118,7 @@ impl Supervisor {
                     ready_by: now + self.config.ready_timeout,
                 },
                 started: now,
+                ready_at: None,
                 last_status: None,
                 watchdog: self.config.worker_watchdog,
                 watchdog_deadline: self.config.worker_watchdog.map(|w| now + w),
@@ -146,6 +147,7 @@ impl Supervisor {
     pub(super) fn worker_ready(&mut self, pid: Pid) {
         if let Some(w) = self.workers.get_mut(&pid) {
             w.state = WorkerState::Ready;
+            w.ready_at = Some(Instant::now());
             self.dispatch.worker_ready(pid);
             self.dirty = true;
         }
@@ -171,10 +173,25 @@ impl Supervisor {
 
     fn worker_exited(&mut self, pid: Pid, status: WaitStatus, now: Instant) {
         let Some(worker) = self.workers.remove(&pid) else {
-            log::debug!("reaped pid {pid}, not a worker");
+            if !self.orphans.reaped(pid) {
+                log::debug!("reaped pid {pid}, not a worker");
+            }
             return;
         };
         self.dirty = true;
+        // What it leaves behind is stopped (orphans.rs). A clean exit that leaves its
+        // server running is a program that daemonizes.
+        let group_lives = orphans::group_alive(pid);
+        let left_behind = self.stop_orphans(now);
+        if worker.departure().is_none()
+            && matches!(status, WaitStatus::Exited(_, 0))
+            && (group_lives || left_behind > 0)
+        {
+            log::warn!(
+                "worker {} (pid {pid}) exited with status 0 but left processes running: it seems to daemonize; run it in the foreground (its own option: lighttpd -D, nginx -g 'daemon off;', ...)",
+                worker.slot
+            );
+        }
         // Connections it never received go to the other workers, first in line.
         let taken_back = self.dispatch.worker_gone(pid, &self.poller);
         if taken_back > 0 {
@@ -194,7 +211,7 @@ impl Supervisor {
             log::info!("worker {slot} (pid {pid}) {}", describe(status));
             let refill = is_current && !self.stopping() && departure != Some(Departure::Retired);
             if refill {
-                self.refill(slot, uptime, now);
+                self.refill(slot, uptime, worker.started_up(now), now);
             }
             return;
         }
@@ -210,9 +227,10 @@ impl Supervisor {
                 return;
             }
         }
-        let delay = self.slots[slot]
-            .history
-            .failed(&self.config.backoff, uptime);
+        let delay =
+            self.slots[slot]
+                .history
+                .failed(&self.config.backoff, uptime, worker.started_up(now));
         log::warn!(
             "worker {slot} (pid {pid}) {} after {:.1}s; restarting in {}",
             describe(status),
@@ -225,7 +243,7 @@ impl Supervisor {
     /// A worker left its slot as it said it would (`STOPPING=1`, then exit 0): a new one
     /// takes the slot, at once if it had stayed up, after a backoff otherwise (a clean exit
     /// right after start, again and again, is a crash loop too).
-    fn refill(&mut self, slot: usize, uptime: Duration, now: Instant) {
+    fn refill(&mut self, slot: usize, uptime: Duration, started: bool, now: Instant) {
         if uptime >= self.config.backoff.reset_after {
             self.slots[slot].history.replaced();
             self.start_slot(slot, now);
@@ -233,7 +251,7 @@ impl Supervisor {
         }
         let delay = self.slots[slot]
             .history
-            .failed(&self.config.backoff, uptime);
+            .failed(&self.config.backoff, uptime, started);
         log::info!(
             "worker {slot} stayed up only {:.1}s; restarting in {}",
             uptime.as_secs_f64(),
@@ -252,7 +270,7 @@ impl Supervisor {
         let delay = if count_failure {
             let d = self.slots[slot]
                 .history
-                .failed(&self.config.backoff, Duration::ZERO);
+                .failed(&self.config.backoff, Duration::ZERO, false);
             d.max(delay)
         } else {
             delay
@@ -291,9 +309,7 @@ impl Supervisor {
         w.state = WorkerState::Stopping { departure, kill_at };
         w.watchdog_deadline = None;
         self.dispatch.worker_leaving(pid);
-        if let Err(e) = kill(pid, signal) {
-            log::debug!("kill({pid}, {}) failed: {e}", signal.as_str());
-        }
+        orphans::signal_group(pid, signal);
         self.dirty = true;
     }
 
@@ -341,6 +357,18 @@ impl Supervisor {
         if workers == 0 {
             return Err("cannot scale to 0 workers (stop the service instead)".to_string());
         }
+        // Fewer workers than the fleet needs to count as healthy or ready would make the
+        // upstream watchdog fire (or `/readyz` fail) on purpose.
+        for (key, floor) in [
+            ("min_healthy", self.config.min_healthy),
+            ("min_ready", self.config.min_ready.unwrap_or(0)),
+        ] {
+            if workers < floor {
+                return Err(format!(
+                    "cannot scale to {workers} workers: {key} is {floor}; lower {key} in the configuration and reload first, or scale to at least {floor}"
+                ));
+            }
+        }
         let before = self.slots.len();
         if workers > before {
             log::info!("scaling up from {before} to {workers} workers");
@@ -369,7 +397,7 @@ impl Supervisor {
                         "pid {} did not stop within the stop timeout; sending SIGKILL",
                         w.pid
                     );
-                    let _ = kill(w.pid, Signal::SIGKILL);
+                    orphans::signal_group(w.pid, Signal::SIGKILL);
                     w.state = WorkerState::Stopping {
                         departure,
                         kill_at: None,
@@ -387,6 +415,7 @@ impl Supervisor {
         for (pid, signal, reason) in overdue {
             self.stop_worker(pid, signal, Departure::Failed, reason, now);
         }
+        self.kill_overdue_orphans(now);
     }
 
     pub(super) fn restart_due(&mut self, now: Instant) {
@@ -419,8 +448,9 @@ impl Supervisor {
             "every worker exited with a fatal status".to_string()
         } else {
             format!(
-                "every worker slot failed {} times in a row",
-                self.config.backoff.give_up_after
+                "every worker slot failed {} times in a row, each time before it was ready or within {}s of its start",
+                self.config.backoff.give_up_after,
+                super::backoff::MIN_UPTIME.as_secs()
             )
         };
         log::error!(
@@ -450,6 +480,7 @@ impl Supervisor {
         for s in &mut self.slots {
             s.restart_at = None;
         }
+        self.stop_orphans(now);
         self.dirty = true;
     }
 

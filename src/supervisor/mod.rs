@@ -18,6 +18,7 @@ mod commands;
 mod fleet;
 mod health;
 mod lifecycle;
+mod orphans;
 mod reload;
 mod status;
 
@@ -26,7 +27,7 @@ use crate::config::{Config, Sources};
 use crate::dispatch::{Dispatcher, Settings};
 use crate::poller::{self, Poller, Token};
 use crate::spawn;
-use crate::systemd::Upstream;
+use crate::upstream::Upstream;
 use crate::worker_notify::NotifyServer;
 use fleet::{Slot, Worker};
 use nix::sys::signal::{SigSet, Signal};
@@ -71,6 +72,8 @@ pub struct Supervisor {
     sources: Sources,
     /// The reload in progress.
     reload: Option<reload::Reload>,
+    /// A reload requested while one ran, and who waits for it.
+    queued_reload: Option<Vec<reload::Waiter>>,
     command: spawn::Command,
     dispatch: Dispatcher,
     /// Live workers (not yet reaped), by pid.
@@ -92,6 +95,8 @@ pub struct Supervisor {
     dirty: bool,
     health: health::HealthState,
     status: status::StatusState,
+    /// Processes workers left behind, being stopped.
+    orphans: orphans::Orphans,
 }
 
 /// Why the supervisor could not start; `main` prints it and exits with `exit_code`.
@@ -112,19 +117,6 @@ fn config_error(message: String) -> StartError {
     StartError {
         message,
         exit_code: crate::exit::CONFIG,
-    }
-}
-
-/// Raise the soft fd limit to the hard one: every worker costs sockvisor a few fds (its
-/// channel ends), and every connection in flight one.
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                log::debug!("could not raise RLIMIT_NOFILE from {soft} to {hard}: {e}");
-            }
-        }
     }
 }
 
@@ -158,7 +150,8 @@ impl Supervisor {
                 poller::MAX_LISTENERS
             )));
         }
-        raise_fd_limit();
+        spawn::raise_fd_limit();
+        orphans::become_subreaper();
         let worker_gid = command.credentials().map(|c| c.gid);
         let notify = NotifyServer::bind_private(worker_gid)
             .map_err(|e| internal("cannot bind the workers' notify socket", e))?;
@@ -220,6 +213,7 @@ impl Supervisor {
             config,
             sources,
             reload: None,
+            queued_reload: None,
             command,
             dispatch,
             workers: BTreeMap::new(),
@@ -237,6 +231,7 @@ impl Supervisor {
             dirty: true,
             health: health::HealthState::default(),
             status: status::StatusState::default(),
+            orphans: orphans::Orphans::default(),
         })
     }
 
@@ -254,7 +249,8 @@ impl Supervisor {
             let now = Instant::now();
             self.manage(now);
             if let Phase::Stopping { exit_code } = self.phase {
-                if self.workers.is_empty() {
+                if self.workers.is_empty() && self.stop_orphans(now) == 0 && self.orphans.is_empty()
+                {
                     self.finish();
                     return exit_code;
                 }
@@ -359,6 +355,7 @@ impl Supervisor {
                 self.dispatch.next_deadline(now),
                 self.health.next_deadline(),
                 self.status.next_deadline(),
+                self.orphans.next_deadline(),
                 reload,
             ])
             .flatten()

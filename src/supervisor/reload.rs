@@ -71,17 +71,21 @@ impl Supervisor {
     /// Start a reload (SIGHUP or `sockvisor reload`). An error means it was refused and the
     /// running fleet is untouched.
     pub(super) fn reload(&mut self, now: Instant, waiter: Option<Waiter>) -> Result<(), String> {
-        if let Some(r) = self.reload.as_mut() {
-            // One reload at a time; a second request waits for the running one.
-            r.waiters.extend(waiter);
-            log::info!(
-                "reload requested while generation {} is starting; waiting for it",
-                r.generation
-            );
-            return Ok(());
-        }
         if self.stopping() {
             return Err("sockvisor is stopping".to_string());
+        }
+        if let Some(r) = &self.reload {
+            // One reload at a time. This request runs when the current one ends, reading
+            // the configuration as it is then (an edit made meanwhile is applied); requests
+            // made meanwhile are one reload.
+            log::info!(
+                "reload requested while generation {} is starting; it follows that one",
+                r.generation
+            );
+            self.queued_reload
+                .get_or_insert_with(Vec::new)
+                .extend(waiter);
+            return Ok(());
         }
         if self.phase == Phase::Running {
             self.upstream
@@ -103,6 +107,17 @@ impl Supervisor {
                 self.reload_ended(status, now);
                 Err(e)
             }
+        }
+    }
+
+    /// The reload requested while the previous one ran.
+    fn start_queued_reload(&mut self, waiters: Vec<Waiter>, now: Instant) {
+        match self.reload(now, None) {
+            Ok(()) => match self.reload.as_mut() {
+                Some(r) => r.waiters.extend(waiters),
+                None => self.queued_reload = Some(waiters),
+            },
+            Err(e) => self.answer_waiters(&waiters, Err(format!("reload refused: {e}"))),
         }
     }
 
@@ -155,13 +170,25 @@ impl Supervisor {
     /// Move the running reload forward: switch slots whose new worker is ready, start more
     /// new workers within the surge, finish or roll back.
     pub(super) fn advance_reload(&mut self, now: Instant) {
+        if self.stopping() {
+            let waiters = self.reload.take().map(|r| r.waiters).into_iter().flatten();
+            let queued = self.queued_reload.take().into_iter().flatten();
+            let all: Vec<Waiter> = waiters.chain(queued).collect();
+            self.answer_waiters(&all, Err("sockvisor is stopping".to_string()));
+            return;
+        }
+        self.advance_current_reload(now);
+        if self.reload.is_none() {
+            if let Some(waiters) = self.queued_reload.take() {
+                self.start_queued_reload(waiters, now);
+            }
+        }
+    }
+
+    fn advance_current_reload(&mut self, now: Instant) {
         let Some(mut r) = self.reload.take() else {
             return;
         };
-        if self.stopping() {
-            self.answer_waiters(&r.waiters, Err("sockvisor is stopping".to_string()));
-            return;
-        }
         let mut failure = None;
         for (slot, pid) in std::mem::take(&mut r.starting) {
             match self.workers.get(&pid) {

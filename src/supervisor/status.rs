@@ -1,5 +1,6 @@
 //! Summaries of the fleet: the `STATUS=` line, the log at stop, the control socket's view.
 
+use super::fleet::Worker;
 use super::{Phase, Supervisor};
 use crate::control::{FleetStatus, ListenerStatus, WorkerStatus};
 use std::time::{Duration, Instant};
@@ -107,9 +108,10 @@ impl Supervisor {
 
     /// Everything `sockvisor status` shows.
     pub(super) fn fleet_status(&self, now: Instant) -> FleetStatus {
-        let workers = self
-            .workers
-            .values()
+        let mut workers: Vec<&Worker> = self.workers.values().collect();
+        workers.sort_by_key(|w| (w.slot, w.generation, w.started));
+        let workers = workers
+            .into_iter()
             .map(|w| {
                 let figures = self.dispatch.worker_figures(w.pid);
                 WorkerStatus {
