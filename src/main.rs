@@ -5,31 +5,9 @@ use sockvisor::{activation, control, exit, logging, supervisor, upstream};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Open `/dev/null` on each of fds 0-2 that is closed, so no socket sockvisor opens later
-/// lands there and reaches workers as their stdin, stdout or stderr.
-fn fill_std_fds() {
-    use std::os::fd::IntoRawFd;
-    for fd in 0..3 {
-        // SAFETY: F_GETFD on a raw fd number only asks whether it is open.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
-            continue;
-        }
-        // The lowest free fd is `fd` (the ones below it are open): it lands there, for good.
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-        {
-            Ok(f) => {
-                let _ = f.into_raw_fd();
-            }
-            Err(_) => std::process::exit(exit::INTERNAL),
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    fill_std_fds();
+    // fds 0-2: Rust's runtime opens /dev/null on any of them that is closed before main
+    // runs, so no socket of sockvisor's can land there (tests/hardening.rs checks it).
     // Before anything else, and before any thread could exist: block the signals the
     // supervisor reads from its signalfd, take systemd's fds and unset LISTEN_* and
     // WATCHDOG_* (invariants 1 and 2).

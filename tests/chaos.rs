@@ -419,7 +419,11 @@ fn chaos_kill_stop_reload_under_load() {
         "sockvisor's process group: sockvisor only"
     );
     for &w in &workers {
-        assert_eq!(group_of(w), BTreeSet::from([w]), "worker {w}'s process group");
+        assert_eq!(
+            group_of(w),
+            BTreeSet::from([w]),
+            "worker {w}'s process group"
+        );
     }
 
     fleet.signal(libc::SIGTERM);
