@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     let sources = Sources::from_process();
     let code = match config::load(&sources) {
         Err(e) => {
-            eprintln!("sockvisor: {e}");
+            logging::fatal(&e);
             exit::CONFIG
         }
         Ok(Invocation::Help(text)) => {
