@@ -45,27 +45,32 @@ fn fd_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// `Err(message, fix)` when `workers` is more than [`max_workers`] allows; the message says
-/// which bound applies. For the config and for the supervisor's `scale`.
-pub fn check_worker_count(
-    workers: usize,
-    dispatched_listeners: usize,
-) -> Result<(), (String, String)> {
+/// An error when `workers` is more than [`max_workers`] allows, saying which bound applies
+/// and the fix (no file or key: the caller knows where the count came from). For the
+/// config and for the supervisor's `scale` and SIGTTIN.
+pub fn check_worker_count(workers: usize, dispatched_listeners: usize) -> Result<(), ConfigError> {
     let limit = fd_limit();
     let max = max_workers_within(limit, dispatched_listeners);
     if workers <= max {
         return Ok(());
     }
-    Err(if max == WORKERS_CEILING {
+    let (message, fix) = if max == WORKERS_CEILING {
         (
             format!("{workers} is more than the maximum of {max} workers"),
-            "use fewer workers".to_string(),
+            "use fewer workers",
         )
     } else {
         (
             format!("{workers} is more than the {max} workers the fd limit of {limit} allows"),
-            "use fewer workers, or raise the hard fd limit (LimitNOFILE=, ulimit -Hn)".to_string(),
+            "use fewer workers, or raise the hard fd limit (LimitNOFILE=, ulimit -Hn)",
         )
+    };
+    Err(ConfigError {
+        file: None,
+        line: None,
+        key: None,
+        message,
+        fix: Some(fix.to_string()),
     })
 }
 
@@ -126,7 +131,8 @@ pub(crate) fn resolve(
         .count();
     let workers = match layer.take::<usize>("workers") {
         Some(At { v, at }) => {
-            check_worker_count(v, dispatched).map_err(|(m, f)| at.err("workers", m, f))?;
+            check_worker_count(v, dispatched)
+                .map_err(|e| at.err("workers", e.message, e.fix.unwrap_or_default()))?;
             v
         }
         None => default_workers().min(max_workers(dispatched)),
@@ -281,10 +287,12 @@ mod tests {
         assert_eq!(max_workers_within(100, 1), 1);
         assert!(max_workers(1) >= 1 && max_workers(1) <= WORKERS_CEILING);
         assert!(check_worker_count(1, 1).is_ok());
-        let (m, f) = check_worker_count(WORKERS_CEILING + 1, 1).unwrap_err();
-        assert!(
-            m.contains("1025 is more than the maximum of 1024 workers") && f.contains("fewer"),
-            "{m} ({f})"
+        let e = check_worker_count(WORKERS_CEILING + 1, 1)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "1025 is more than the maximum of 1024 workers (use fewer workers)"
         );
     }
 }
