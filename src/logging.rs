@@ -41,18 +41,28 @@ pub fn init() {
     let mut builder = env_logger::Builder::new();
     builder.parse_filters(&filter);
     builder.format(move |buf, record| {
-        if journal {
-            writeln!(buf, "<{}>{}", priority(record.level()), record.args())
-        } else {
-            writeln!(
-                buf,
-                "sockvisor: {:<5} {}",
-                record.level().as_str().to_ascii_lowercase(),
-                record.args()
-            )
-        }
+        writeln!(buf, "{}", line(journal, record.level(), record.args()))
     });
     let _ = builder.try_init();
+}
+
+/// One log line, without its newline.
+fn line(journal: bool, level: Level, message: &dyn std::fmt::Display) -> String {
+    if journal {
+        format!("<{}>{message}", priority(level))
+    } else {
+        format!(
+            "sockvisor: {:<5} {message}",
+            level.as_str().to_ascii_lowercase()
+        )
+    }
+}
+
+/// Print the error sockvisor exits on (a configuration or usage error) as an error line like
+/// every other, whatever the log level: `sockvisor: error MESSAGE`, or `<3>MESSAGE` to the
+/// journal.
+pub fn fatal(message: &dyn std::fmt::Display) {
+    eprintln!("{}", line(stderr_is_journal(), Level::Error, message));
 }
 
 /// A message that may repeat for every connection or datagram, logged at most once per

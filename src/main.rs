@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     let sources = Sources::from_process();
     let code = match config::load(&sources) {
         Err(e) => {
-            log::error!("{e}");
+            logging::fatal(&e);
             exit::CONFIG
         }
         Ok(Invocation::Help(text)) => {

@@ -432,6 +432,131 @@ fn bad_input_is_a_clear_config_error() {
     );
 }
 
+/// Issue 14 item 21: a config error is one line in the format of every other error line,
+/// `sockvisor: error WHERE: KEY: WHAT (FIX)`, and exits 78.
+#[test]
+fn config_errors_are_one_error_line() {
+    let unknown = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(unknown.path(), "wrkers = 2\n").unwrap();
+    let unknown = unknown.path().display().to_string();
+    for args in [
+        &["-c", unknown.as_str()][..],
+        &["--json", "app"],
+        &["--wrokers", "2", "app"],
+        &["--listen", "web=tcp://nowhere", "--", "/bin/true"],
+        &["--workers", "0", "--", "/bin/true"],
+    ] {
+        let mut fleet = FleetBuilder::new(args).start();
+        let status = fleet.wait(T).expect("exits");
+        let log = fleet.log();
+        assert_eq!(status.code(), Some(78), "{args:?}: {log}");
+        assert_eq!(log.lines().count(), 1, "{args:?}: {log}");
+        assert!(log.starts_with("sockvisor: error "), "{args:?}: {log}");
+        // `--json: --json only applies`: the key is not said twice.
+        let words: Vec<&str> = log
+            .split_whitespace()
+            .map(|w| w.trim_matches(|c: char| ":,;()\"'`".contains(c)))
+            .collect();
+        assert!(
+            words.windows(2).all(|w| w[0] != w[1]),
+            "{args:?}: a word twice: {log}"
+        );
+    }
+}
+
+/// Issue 14 item 1: the worker count has a documented maximum, lower under a low fd limit;
+/// more is a config error that names the limit.
+#[test]
+fn worker_count_is_bounded_by_a_ceiling_and_the_fd_limit() {
+    expect_config_error(
+        &["--workers", "100000", "--", "/bin/true"],
+        &[],
+        "--workers: 100000 is more than the maximum of 1024 workers",
+    );
+    expect_config_error(
+        &["--", "/bin/true"],
+        &[("SOCKVISOR_WORKERS", "18446744073709551615")],
+        "SOCKVISOR_WORKERS: 18446744073709551615 is more than the maximum",
+    );
+    expect_config_error(&["scale", "100000"], &[], "scale: \"100000\" is too large");
+    // Under a hard fd limit of 512: 256 fds kept for sockvisor itself, 4 per worker (the two
+    // ends of its channel, twice during a reload) leave 64 workers.
+    let sockvisor = sockvisor_bin().display().to_string();
+    let limited = |workers: &str| {
+        FleetBuilder::program(
+            "/bin/sh",
+            [
+                "-c",
+                "ulimit -n 512 && exec \"$0\" \"$@\"",
+                &sockvisor,
+                "--workers",
+                workers,
+                "--listen",
+                "tcp://127.0.0.1:0",
+                "--",
+                "/bin/sleep",
+                "30",
+            ],
+        )
+        .start()
+    };
+    let mut fleet = limited("65");
+    let status = fleet.wait(T).expect("exits");
+    let log = fleet.log();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(
+        log.contains("65 is more than the 64 workers the fd limit of 512 allows")
+            && log.contains("LimitNOFILE="),
+        "{log}"
+    );
+    // Past the config check (which comes first): 64 workers are allowed.
+    limited("64").wait_log("listening on", T);
+}
+
+/// Issue 14 item 20: `--listen web=PORT` is TCP on all addresses (dual-stack `[::]` where the
+/// host has IPv6, as systemd's `ListenStream=PORT`); the test talks to it over loopback.
+#[test]
+fn a_bare_port_listens_on_all_addresses() {
+    let port = free_port();
+    let mut notify = NotifySocket::new();
+    let fleet = FleetBuilder::new([
+        "--workers".to_string(),
+        "1".into(),
+        "--ready".into(),
+        "notify".into(),
+        "--listen".into(),
+        format!("web={port}"),
+        "--".into(),
+        hello_bin().display().to_string(),
+    ])
+    .env("HELLO_READY", "1")
+    .notify(&notify)
+    .start();
+    notify
+        .wait_for("READY=1", T)
+        .unwrap_or_else(|| panic!("not ready: {}", fleet.log()));
+    let ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+    let all = if ipv6 { "[::]" } else { "0.0.0.0" };
+    let log = fleet.log();
+    assert!(
+        log.contains(&format!("listening on {all}:{port} (web,")),
+        "{log}"
+    );
+    let body = http_get(port).expect("IPv4 loopback reaches the listener");
+    assert!(body.contains("hello from worker"), "{body}");
+    if ipv6 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("::1", port)) {
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(T)).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            assert!(body.contains("hello from worker"), "{body}");
+        }
+    }
+}
+
 #[test]
 fn wrong_sockets_from_systemd_are_named() {
     if !std::path::Path::new("/usr/bin/systemd-socket-activate").exists() {

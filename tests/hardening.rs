@@ -624,3 +624,44 @@ fn error_lines_have_one_format() {
     assert!(line.starts_with("sockvisor: error "), "{err}");
     assert_eq!(line.matches("in use").count(), 1, "{line}");
 }
+
+/// Item 1: the worker count is bounded wherever it enters: a huge `scale` (through the
+/// client, or raw on the control socket where it used to panic in `resize_with`) and
+/// SIGTTIN past the maximum are refused and leave the fleet as it was.
+#[test]
+fn scaling_past_the_maximum_is_refused() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut notify = NotifySocket::new();
+    let fleet = start_ready(
+        FleetBuilder::new([
+            "-w",
+            "2",
+            "--dispatch",
+            "shared",
+            "-l",
+            "web=tcp://127.0.0.1:0",
+            "--",
+            &hello(),
+        ]),
+        &mut notify,
+    );
+    let out = fleet.ctl(&["scale", "100000"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1024"), "{err}");
+    for workers in ["100000", "18446744073709551615"] {
+        let mut s = std::os::unix::net::UnixStream::connect(&fleet.control).unwrap();
+        writeln!(s, "{{\"cmd\":\"scale\",\"workers\":{workers}}}").unwrap();
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains("maximum of 1024"),
+            "{reply}"
+        );
+    }
+    let s = fleet.status();
+    assert_eq!(s["workers_wanted"], 2);
+    assert_eq!(ready_workers(&s).len(), 2);
+}

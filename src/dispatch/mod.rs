@@ -174,6 +174,14 @@ impl Dispatcher {
         self.listeners.iter().map(|l| l.listener())
     }
 
+    /// Listeners that cost sockvisor fds per worker (all but `shared`): what bounds the
+    /// worker count (`config::max_workers`).
+    pub fn per_worker_listeners(&self) -> usize {
+        self.listeners()
+            .filter(|l| l.policy != DispatchPolicy::Shared)
+            .count()
+    }
+
     /// `LISTEN_FDNAMES` for workers.
     pub fn fd_names(&self) -> String {
         self.listeners()

@@ -357,6 +357,8 @@ impl Supervisor {
         if workers == 0 {
             return Err("cannot scale to 0 workers (stop the service instead)".to_string());
         }
+        crate::config::check_worker_count(workers, self.dispatch.per_worker_listeners())
+            .map_err(|e| e.to_string())?;
         // Fewer workers than the fleet needs to count as healthy or ready would make the
         // upstream watchdog fire (or `/readyz` fail) on purpose.
         for (key, floor) in [

@@ -208,6 +208,9 @@ impl Supervisor {
             );
         }
         let dispatch = Dispatcher::new(listeners, dispatch_settings(&config));
+        // Checked again now that systemd's sockets are known (the config assumed one).
+        crate::config::check_worker_count(config.workers, dispatch.per_worker_listeners())
+            .map_err(|e| config_error(format!("workers: {e}")))?;
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
         Ok(Supervisor {
             config,
