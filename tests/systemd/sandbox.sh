@@ -170,7 +170,7 @@ build_base() {
     *) srcs+=("deb $SB_MIRROR/debian $SB_SUITE-updates $comps"
               "deb $SB_MIRROR/debian-security $SB_SUITE-security $comps") ;;
   esac
-  if ! mmdebstrap --quiet --variant=minbase --include="$SB_PACKAGES" \
+  if ! mmdebstrap --variant=minbase --include="$SB_PACKAGES" \
         "$SB_SUITE" "$tmp" "${srcs[@]}" >"$SB_DIR/mmdebstrap-$SB_SUITE.log" 2>&1; then
     tail -20 "$SB_DIR/mmdebstrap-$SB_SUITE.log" >&2
     rm -rf "$tmp"
