@@ -51,10 +51,23 @@ run() {  # run LABEL UNIT...: verify, fail on rc != 0 or any stderr
 run "myapp.socket + myapp-dns.socket + myapp.service" \
   myapp.socket myapp-dns.socket myapp.service
 run "sockvisor@.service (instance demo) + demo.socket" demo.socket sockvisor@demo.service
-# the example drop-ins on top of myapp.service
+# the example drop-ins on top of myapp.service; notify-reload.conf only where systemd knows
+# Type=notify-reload (>= 253): tests/systemd_e2e.rs runs this script under systemd 257 too
+sdver=$(systemd-analyze --version | awk 'NR == 1 {print $2; exit}')
 mkdir -p "$root/etc/systemd/system/myapp.service.d"
-cp "$here"/examples/*.conf "$root/etc/systemd/system/myapp.service.d/"
+for f in "$here"/examples/*.conf; do
+  [[ ${f##*/} == notify-reload.conf ]] || cp "$f" "$root/etc/systemd/system/myapp.service.d/"
+done
 run "myapp.service + examples/*.conf drop-ins" myapp.service
+if ((sdver >= 253)); then
+  cp "$here/examples/notify-reload.conf" "$root/etc/systemd/system/myapp.service.d/"
+  run "myapp.service + examples/notify-reload.conf (systemd $sdver)" myapp.service
+  mkdir -p "$root/etc/systemd/system/sockvisor@demo.service.d"
+  cp "$here/examples/notify-reload.conf" "$root/etc/systemd/system/sockvisor@demo.service.d/"
+  run "sockvisor@demo.service + examples/notify-reload.conf (systemd $sdver)" demo.socket sockvisor@demo.service
+else
+  echo "skip examples/notify-reload.conf: systemd $sdver < 253 has no Type=notify-reload"
+fi
 # a unit that is known to be wrong must be caught (guards this script itself)
 printf '[Service]\nType=notfy\nExecStart=/usr/bin/sockvisor\n' >"$root/etc/systemd/system/selfcheck.service"
 if systemd-analyze verify --man=no --root="$root" selfcheck.service 2>&1 >/dev/null | grep -q .; then

@@ -2,6 +2,8 @@
 # Adapted for sockvisor from the team's research tool (shared/research/tools/systemd-sandbox.sh,
 # notes in shared/research/systemd-sandbox.md). Used by tests/systemd_e2e.rs; changes:
 #   - own cache and state dir (/var/tmp/sockvisor-sandbox), default instance name "sockvisor";
+#   - flavours (SB_FLAVOUR=debian12|debian13: systemd 252 or 257), each with its cached base;
+#   - a private network namespace on request (SB_NET=private), `reap` for killed runs;
 #   - `install-deb DEB`: push a .deb into the container and dpkg -i it;
 #   - `ensure-host-packages` can be skipped (SB_NO_APT=1) so a test never runs apt behind
 #     the user's back unless asked (CI installs the packages itself).
@@ -9,9 +11,11 @@
 # systemd-nspawn container on a host whose PID 1 is not systemd, and drive it
 # with systemctl.  Made for integration tests of socket-activated services.
 #
-# The container SHARES THE HOST'S NETWORK NAMESPACE: a unit inside with
+# By default the container SHARES THE HOST'S NETWORK NAMESPACE: a unit inside with
 # ListenStream=127.0.0.1:PORT is reachable from the host at 127.0.0.1:PORT
 # (pick free ports: other processes on the host share the same port space).
+# With SB_NET=private it has its own (only `lo`): any port is free there, and the host
+# reaches it by entering /proc/$(sandbox.sh leader)/ns/net (tests/systemd_e2e.rs does).
 #
 # Usage (as root):
 #   sandbox.sh setup            install host packages (systemd-container,
@@ -32,6 +36,8 @@
 #   sandbox.sh log              print the container console (boot/shutdown log)
 #   sandbox.sh down             power off, kill leftovers (only ours), unmount,
 #                                       remove our cgroups and state; idempotent
+#   sandbox.sh reap             down every instance whose owner (SB_OWNER_PID at `up`)
+#                                       is gone: what a killed test run left behind
 #   sandbox.sh purge            down + delete the cached base rootfs
 #
 # Environment:
@@ -41,9 +47,19 @@
 #                                needs the host's Debian mirror), then cached
 #                        host:   overlay of the host's own / (no download; units
 #                                enabled on the host under *.target.wants are hidden)
-#   SB_PACKAGES=...      comma list for the base rootfs
-#                        (default systemd,systemd-sysv,dbus,procps,iproute2,python3-minimal)
-#   SB_SUITE=<host codename>  Debian suite of the base rootfs
+#   SB_FLAVOUR=debian12  which Debian (and so which systemd) the base rootfs is built from:
+#                          debian12: bookworm, systemd 252
+#                          debian13: trixie, systemd 257 (+ lintian, to check the .deb
+#                                    with the newer distribution's lintian inside)
+#                        Each flavour has its own cached base rootfs.
+#   SB_PACKAGES=...      comma list for the base rootfs (default: the flavour's,
+#                        systemd,systemd-sysv,dbus,procps,iproute2,python3-minimal[,lintian])
+#   SB_SUITE=<flavour's> Debian suite of the base rootfs (overrides the flavour's)
+#   SB_NET=host          host:    the container shares the host's network namespace
+#                        private: its own network namespace with only `lo` (nspawn
+#                                 --private-network): a port inside cannot collide with
+#                                 anything on the host; reach it from the host by entering
+#                                 the namespace (/proc/$(sandbox.sh leader)/ns/net)
 #   SB_MIRROR=<from the host's apt sources>   mirror for mmdebstrap (URL without /debian)
 #   SB_CGROUP=unified    unified: container gets a pure cgroup2 /sys/fs/cgroup
 #                                 (like a stock Debian 12 host)
@@ -54,6 +70,7 @@
 #                        (e.g. systemd.log_level=debug systemd.mask=foo.service)
 #   SB_BOOT_TIMEOUT=90   seconds to wait for boot in `up`
 #   SB_STOP_TIMEOUT=30   seconds to wait for a clean poweroff in `down`
+#   SB_OWNER_PID=PID     the process this instance belongs to (recorded at `up`, for `reap`)
 #
 # Everything lives in $SB_DIR/inst/$SB_NAME (tmpfs + overlay mounts), in cgroups
 # /sys/fs/cgroup/<hier>/sbx-$SB_NAME and in the processes under the recorded
@@ -64,7 +81,16 @@ set -euo pipefail
 SB_NAME=${SB_NAME:-sockvisor}
 SB_DIR=${SB_DIR:-/var/tmp/sockvisor-sandbox}
 SB_MODE=${SB_MODE:-rootfs}
-SB_PACKAGES=${SB_PACKAGES:-systemd,systemd-sysv,dbus,procps,iproute2,python3-minimal}
+SB_FLAVOUR=${SB_FLAVOUR:-debian12}
+SB_BASE_PACKAGES=systemd,systemd-sysv,dbus,procps,iproute2,python3-minimal
+case $SB_FLAVOUR in
+  debian12) flavour_suite=bookworm; flavour_packages=$SB_BASE_PACKAGES ;;
+  debian13) flavour_suite=trixie;   flavour_packages=$SB_BASE_PACKAGES,lintian ;;
+  *) echo "SB_FLAVOUR must be debian12 or debian13" >&2; exit 2 ;;
+esac
+SB_PACKAGES=${SB_PACKAGES:-$flavour_packages}
+SB_SUITE=${SB_SUITE:-$flavour_suite}
+SB_NET=${SB_NET:-host}
 host_mirror() { # the first Debian archive URI in the host's apt sources, without its /debian suffix
   local u
   u=$(grep -hoE '^URIs:[[:space:]]*[^[:space:]]+/debian/?$' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 | awk '{print $2}')
@@ -78,9 +104,6 @@ SB_BIND_RW=${SB_BIND_RW:-}
 SB_BOOT_ARGS=${SB_BOOT_ARGS:-}
 SB_BOOT_TIMEOUT=${SB_BOOT_TIMEOUT:-90}
 SB_STOP_TIMEOUT=${SB_STOP_TIMEOUT:-30}
-if [[ -z ${SB_SUITE:-} ]]; then
-  SB_SUITE=$( . /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-bookworm}")
-fi
 
 [[ $SB_NAME =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,30}$ ]] || { echo "bad SB_NAME" >&2; exit 2; }
 INST=$SB_DIR/inst/$SB_NAME
@@ -147,11 +170,12 @@ build_base() {
     *) srcs+=("deb $SB_MIRROR/debian $SB_SUITE-updates $comps"
               "deb $SB_MIRROR/debian-security $SB_SUITE-security $comps") ;;
   esac
-  if ! mmdebstrap --quiet --variant=minbase --include="$SB_PACKAGES" \
-        "$SB_SUITE" "$tmp" "${srcs[@]}" >"$SB_DIR/mmdebstrap.log" 2>&1; then
-    tail -20 "$SB_DIR/mmdebstrap.log" >&2
+  if ! mmdebstrap --variant=minbase --include="$SB_PACKAGES" \
+        "$SB_SUITE" "$tmp" "${srcs[@]}" >"$SB_DIR/mmdebstrap-$SB_SUITE.log" 2>&1; then
+    tail -20 "$SB_DIR/mmdebstrap-$SB_SUITE.log" >&2
     rm -rf "$tmp"
-    die "mmdebstrap failed (log: $SB_DIR/mmdebstrap.log)"
+    exec 8>&-
+    die "mmdebstrap $SB_SUITE from $SB_MIRROR failed (log: $SB_DIR/mmdebstrap-$SB_SUITE.log)"
   fi
   # Container-friendly defaults: no getty on the nspawn console, no apt timers.
   local u
@@ -288,6 +312,11 @@ cmd_up() {
   local args=(--quiet --boot --directory="$INST/root" --machine="$SB_NAME"
               --register=no --keep-unit --link-journal=no --console=read-only
               --resolv-conf=copy-host --timezone=off)
+  case $SB_NET in
+    host) ;;
+    private) args+=(--private-network) ;;
+    *) die "SB_NET must be host or private" ;;
+  esac
   local b
   for b in $SB_BIND; do args+=(--bind-ro="$b"); done
   for b in $SB_BIND_RW; do args+=(--bind="$b"); done
@@ -325,6 +354,7 @@ cmd_up() {
     sleep 0.2
   done
   echo "$l $(starttime "$l")" >"$INST/leader.pid"
+  if [[ -n ${SB_OWNER_PID:-} ]]; then echo "$SB_OWNER_PID $(starttime "$SB_OWNER_PID")" >"$INST/owner.pid"; fi
   if [[ $state == degraded ]]; then
     log "warning: system is degraded:"; in_container "$l" systemctl --failed --no-legend >&2 || true
   fi
@@ -375,6 +405,19 @@ cmd_down() {
   log "down"
 }
 
+cmd_reap() {  # instances whose recorded owner is gone (a test run killed before its cleanup)
+  need_root
+  local d n
+  for d in "$SB_DIR"/inst/*/; do
+    [[ -f $d/owner.pid ]] || continue
+    n=$(basename "$d")
+    if ! recorded_pid "$d/owner.pid" >/dev/null; then
+      log "reaping $n (its owner $(cut -d' ' -f1 "$d/owner.pid") is gone)"
+      SB_NAME=$n bash "$0" down || true
+    fi
+  done
+}
+
 cmd_exec() {
   (($#)) || die "exec needs a command"
   local l
@@ -386,6 +429,7 @@ case ${1:-} in
   setup)  need_root; ensure_host_packages; [[ $SB_MODE == rootfs ]] && build_base; log "setup done" ;;
   up)     cmd_up ;;
   down)   cmd_down ;;
+  reap)   cmd_reap ;;
   exec)   shift; cmd_exec "$@" ;;
   sh)     shift; cmd_exec /bin/sh -c "$*" ;;
   root)   [[ -d $INST/root ]] || die "not up"; echo "$INST/root" ;;
