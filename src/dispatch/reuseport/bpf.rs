@@ -459,8 +459,9 @@ fn setsockopt_int(socket: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int)
 
 /// `setsockopt(SO_ATTACH_REUSEPORT_EBPF)` on any member of a group: the program now selects
 /// for the whole group, replacing the one attached before (whoever attached it). The socket
-/// must already be hashed (listening, or a bound UDP socket) in its final group: a program
-/// attached to a socket before it joins an existing group is dropped with its old group.
+/// should already be hashed (listening, or a bound UDP socket) in its group: a socket given a
+/// program before `listen()` gets a provisional group of its own, and its `listen()` beside an
+/// existing group then fails with `EADDRINUSE`.
 pub fn attach_reuseport_program(socket: BorrowedFd<'_>, program: &Program) -> io::Result<()> {
     setsockopt_int(
         socket,

@@ -207,7 +207,8 @@ pub fn instructions(maps: &MapFds) -> Vec<Insn> {
     a.push(store_imm(Size::W, R10, STACK_MEMBER, ANCHOR_KEY as i32)); // member = anchor
     select_member(&mut a, maps.sockets);
     a.jump_if_imm(Cond::Eq, R0, 0, "count"); // waits on the anchor
-                                             // 4. Nothing selectable: the kernel's hash decides; count it.
+
+    // 4. Nothing selectable: the kernel's hash decides; count it.
     a.push(store_imm(Size::W, R10, STACK_MEMBER, unselected)); // member = "unselected"
 
     // Count the decision: counters[member].dispatched, or .migrated for a migration.

@@ -46,10 +46,12 @@ fn gate(test: &str) -> bool {
     match SteeredGroup::new(1, AttachType::SelectOrMigrate) {
         Ok(_) => true,
         Err(e) => {
-            let msg = format!("{test}: skipped: {e}");
             if require_all() {
-                panic!("{msg} (SOCKVISOR_REQUIRE_ALL=1: this test must run; run it as root)");
+                panic!(
+                    "{test}: cannot run: {e} (SOCKVISOR_REQUIRE_ALL=1 requires it; run as root)"
+                );
             }
+            let msg = format!("{test}: skipped: {e}");
             eprintln!("{msg}");
             false
         }
@@ -497,6 +499,27 @@ fn close_one_with_half_open(attach: AttachType) -> (usize, Vec<usize>, usize, us
 }
 
 #[test]
+fn a_scheduled_member_whose_listener_closed_is_skipped() {
+    if !gate("a_scheduled_member_whose_listener_closed_is_skipped") {
+        return;
+    }
+    // Worker 2 dies; the schedule still lists it (sockvisor has not reaped it yet).
+    let mut f = Fleet::new(4, AttachType::SelectOrMigrate);
+    drop(f.workers.remove(1));
+    let listeners: Vec<&TcpListener> = f.workers.iter().chain([&f.anchor]).collect();
+    let h = histogram(&place_sequential(f.addr, &listeners, 10_000), 4);
+    eprintln!(
+        "MEASURE schedule [1,2,3,4] with 2's listener closed, 10000 sequential: workers 1,3,4 \
+         {:?}, anchor {}, unselected {}",
+        &h[..3],
+        h[3],
+        f.group.unselected().unwrap()
+    );
+    // Its turns fall to the next in the schedule until the schedule is updated.
+    assert_eq!(h, vec![2_500, 5_000, 2_500, 0]);
+}
+
+#[test]
 fn half_open_connections_of_a_closed_listener_complete_elsewhere_with_migrate() {
     if !gate("half_open_connections_of_a_closed_listener_complete_elsewhere_with_migrate") {
         return;
@@ -661,7 +684,10 @@ fn late_reuseport_anchor(bind_addr: &str, connect_to: &[&str]) {
     let all = [&workers[0], &workers[1], &anchor];
     let first: SocketAddr = format!("{}:{port}", connect_to[0]).parse().unwrap();
     let unsteered = histogram(&place_sequential(first, &all, 300), 3);
-    eprintln!("MEASURE late-reuseport anchor {bind_addr}, no program yet, 300 to {first}: {unsteered:?} (last = anchor)");
+    eprintln!(
+        "MEASURE late-reuseport anchor {bind_addr}, no program yet, 300 to {first}: \
+         {unsteered:?} (last = anchor)"
+    );
     let after = group.insert(Key::ANCHOR, anchor.as_fd());
     for (i, w) in workers.iter().enumerate() {
         group.insert(key(i + 1), w.as_fd()).unwrap();
@@ -778,7 +804,10 @@ fn kernel_answers_pass_without_selection_drop_and_empty_slot() {
             }
         }
         let h = histogram(&placed, 5);
-        eprintln!("MEASURE program answers {name}: 400 connections: placed {h:?} (last = anchor), refused {refused}");
+        eprintln!(
+            "MEASURE program answers {name}: 400 connections: placed {h:?} (last = anchor), \
+             refused {refused}"
+        );
         match name {
             "SK_DROP" => assert_eq!(refused, 400),
             _ => {
@@ -790,6 +819,32 @@ fn kernel_answers_pass_without_selection_drop_and_empty_slot() {
             }
         }
     }
+}
+
+#[test]
+fn a_socket_with_a_program_attached_before_listen_cannot_join_a_group() {
+    if !gate("a_socket_with_a_program_attached_before_listen_cannot_join_a_group") {
+        return;
+    }
+    // An existing group (an anchor); a new socket bound beside it gets a program attached
+    // before listen(), which gives it a provisional group of its own.
+    let anchor = tcp_listener("127.0.0.1:0".parse().unwrap(), true);
+    let addr = loopback(&anchor);
+    let s = stream_socket(AddressFamily::Inet);
+    setsockopt(&s, sockopt::ReusePort, &true).unwrap();
+    bind(s.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+    let refuse = Program::load_sk_reuseport(
+        &kernel_probe::drop_everything(),
+        AttachType::Select,
+        "sv_drop",
+    )
+    .unwrap();
+    bpf::attach_reuseport_program(s.as_fd(), &refuse).unwrap();
+    let listened = listen(&s, Backlog::new(128).unwrap());
+    eprintln!(
+        "MEASURE program attached before listen() beside an existing group: listen {listened:?}"
+    );
+    assert_eq!(listened, Err(nix::errno::Errno::EADDRINUSE));
 }
 
 #[test]
