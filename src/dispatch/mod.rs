@@ -21,6 +21,7 @@
 pub mod channel;
 pub mod handoff;
 pub mod policy;
+pub mod reuseport;
 pub mod shared;
 pub(crate) mod sys;
 
