@@ -55,6 +55,9 @@ pub struct Listener {
     pub address: String,
     /// Came from systemd (and so cannot change on reload).
     pub from_systemd: bool,
+    /// Why the policy is what it is when it is not what was asked for (`auto` that could not
+    /// run `reuseport`), for the log and `status`.
+    pub policy_note: Option<String>,
 }
 
 /// An activation error. Its `Display` names the fd, the name and the fix.
@@ -204,11 +207,17 @@ fn expected_kind(addr: &ListenAddr) -> SocketKind {
     }
 }
 
+/// The policy a socket of `kind` gets: channel policies hand over connections, which
+/// datagram sockets do not have; unix sockets have no `SO_REUSEPORT` groups. `auto` and
+/// `reuseport` are decided later, by the dispatcher (they may fall back to `shared`).
 fn resolve_policy(kind: SocketKind, policy: DispatchPolicy) -> DispatchPolicy {
-    if kind.is_stream() {
-        policy
-    } else {
-        DispatchPolicy::Shared
+    match kind {
+        SocketKind::TcpListener => policy,
+        SocketKind::Udp if policy.uses_channels() => DispatchPolicy::Shared,
+        SocketKind::Udp => policy,
+        SocketKind::UnixListener if policy == DispatchPolicy::Auto => DispatchPolicy::Shared,
+        SocketKind::UnixListener => policy,
+        SocketKind::UnixDatagram => DispatchPolicy::Shared,
     }
 }
 
@@ -251,6 +260,7 @@ pub fn listeners(
                 fd,
                 address,
                 from_systemd: true,
+                policy_note: None,
             });
         }
         return Ok(out);
@@ -303,6 +313,7 @@ pub fn listeners(
                 fd,
                 address,
                 from_systemd: true,
+                policy_note: None,
             });
             found = true;
         }
@@ -335,7 +346,7 @@ fn set_accept_mode(
     policy: DispatchPolicy,
 ) -> Result<(), ActivationError> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    if policy == DispatchPolicy::Shared {
+    if !policy.uses_channels() {
         return Ok(());
     }
     let set = fcntl(fd, FcntlArg::F_GETFL)
@@ -380,7 +391,7 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
     };
     // Non-blocking only when sockvisor itself accepts (see the module documentation).
     let mut flags = SockFlag::SOCK_CLOEXEC;
-    if policy != DispatchPolicy::Shared {
+    if policy.uses_channels() {
         flags |= SockFlag::SOCK_NONBLOCK;
     }
     let fd = match addr {
@@ -400,9 +411,13 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
             if kind.is_stream() {
                 socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
                     .map_err(|e| bind_err("set SO_REUSEADDR for", e))?;
+            } else if matches!(policy, DispatchPolicy::Auto | DispatchPolicy::Reuseport) {
+                // A UDP socket joins a reuseport group only if it has SO_REUSEPORT when it
+                // binds (a TCP listener may get it later, as systemd's do).
+                socket::setsockopt(&fd, sockopt::ReusePort, &true)
+                    .map_err(|e| bind_err("set SO_REUSEPORT for", e))?;
             }
-            let storage = SockaddrStorage::from(*sa);
-            socket::bind(fd.as_raw_fd(), &storage).map_err(|e| bind_err("bind", e))?;
+            bind_inet(&fd, *sa, ty, family).map_err(|e| bind_err("bind", e))?;
             fd
         }
         ListenAddr::Unix(path) => {
@@ -428,7 +443,46 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
         fd,
         address,
         from_systemd: false,
+        policy_note: None,
     })
+}
+
+/// Bind `fd` to `addr`. Port 0 is resolved to a free port first and then bound by number:
+/// a socket whose port the kernel picked is not port-locked, so `shutdown()` releases its
+/// port and a later `listen()` takes it again outside its `SO_REUSEPORT` group, which the
+/// `reuseport` policy's requeue of the anchor relies on (docs/reuseport.md).
+fn bind_inet(
+    fd: &OwnedFd,
+    addr: std::net::SocketAddr,
+    ty: SockType,
+    family: AddressFamily,
+) -> Result<(), Errno> {
+    if addr.port() != 0 {
+        return socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr));
+    }
+    // The port may be taken between the probe and the bind: try a few.
+    let mut last = Errno::EADDRINUSE;
+    for _ in 0..16 {
+        let probe = socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, None)?;
+        socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))?;
+        let port = socket::getsockname::<SockaddrStorage>(probe.as_raw_fd())?
+            .as_sockaddr_in()
+            .map(|a| a.port())
+            .or_else(|| {
+                socket::getsockname::<SockaddrStorage>(probe.as_raw_fd())
+                    .ok()
+                    .and_then(|a| a.as_sockaddr_in6().map(|a| a.port()))
+            })
+            .unwrap_or(0);
+        drop(probe);
+        let mut chosen = addr;
+        chosen.set_port(port);
+        match socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(chosen)) {
+            Err(Errno::EADDRINUSE) => last = Errno::EADDRINUSE,
+            r => return r,
+        }
+    }
+    Err(last)
 }
 
 /// Make `path` bindable: its parent must exist; an existing socket file is removed only if it

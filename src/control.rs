@@ -89,7 +89,11 @@ pub struct ListenerStatus {
     pub name: String,
     pub address: String,
     pub policy: String,
-    pub accepted: u64,
+    /// Why the policy is not the one asked for (`auto` that fell back to `shared`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub policy_note: Option<String>,
+    /// Connections sockvisor accepted; `None` where the workers accept (shared, reuseport).
+    pub accepted: Option<u64>,
     pub pending: u64,
 }
 
@@ -988,11 +992,16 @@ pub fn format_status_table(status: &FleetStatus) -> String {
                 l.name.clone(),
                 l.address.clone(),
                 l.policy.clone(),
-                l.accepted.to_string(),
+                l.accepted.map_or("-".to_string(), |a| a.to_string()),
                 l.pending.to_string(),
             ]);
         }
         out.push_str(&table(&rows));
+        for l in &status.listeners {
+            if let Some(note) = &l.policy_note {
+                out.push_str(&format!("{}: {}, {note}\n", l.name, l.policy));
+            }
+        }
     }
     out.push('\n');
     let mut rows = vec![[
@@ -1079,7 +1088,8 @@ mod tests {
                 name: "web".into(),
                 address: "tcp://127.0.0.1:8000".into(),
                 policy: "round-robin".into(),
-                accepted: 1000,
+                policy_note: None,
+                accepted: Some(1000),
                 pending: 0,
             }],
         }

@@ -133,10 +133,10 @@ pub(crate) const KEYS: &[Key] = &[
         flag: Some("--dispatch"),
         arg: "POLICY",
         kind: Kind::Policy,
-        default: Default::Value("round-robin"),
-        help: "round-robin | shared | ip-hash | least-connections, for stream listeners; \
-               UDP is always shared",
-        doc: "default policy for stream listeners: `round-robin`, `shared`, `ip-hash`, `least-connections`",
+        default: Default::Value("auto"),
+        help: "auto | reuseport | shared (any program); round-robin | ip-hash | \
+               least-connections (workers that speak the channel protocol, TCP/unix only)",
+        doc: "default policy of every listener: `auto` (`reuseport` where it can run, else `shared`), `reuseport`, `shared` serve any program; `round-robin`, `ip-hash`, `least-connections` need workers that speak the channel protocol (streams only). See [Dispatch policies](#dispatch-policies)",
         ..BASE
     },
     Key {

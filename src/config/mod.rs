@@ -77,10 +77,17 @@ pub enum ReadyMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DispatchPolicy {
-    /// sockvisor accepts and hands connections out in turn (TCP and unix stream default).
-    RoundRobin,
-    /// Workers accept on the listening socket themselves (always the case for datagrams).
+    /// The default: `reuseport` where it can run, else `shared` (decided per listener at
+    /// start, with the reason in the log and in `status`). Any program serves.
+    Auto,
+    /// Each worker gets its own `SO_REUSEPORT` listener (or UDP socket) and an eBPF program
+    /// picks the next ready worker for each connection (each UDP flow). Any program serves.
+    Reuseport,
+    /// Workers accept on the listening socket themselves; the kernel picks who wakes up.
     Shared,
+    /// sockvisor accepts and hands connections out in turn over each worker's channel
+    /// (workers that speak the channel protocol).
+    RoundRobin,
     /// The same client address goes to the same worker slot.
     IpHash,
     /// The worker with the fewest open connections.
@@ -90,11 +97,22 @@ pub enum DispatchPolicy {
 impl DispatchPolicy {
     pub fn name(self) -> &'static str {
         match self {
+            DispatchPolicy::Auto => "auto",
+            DispatchPolicy::Reuseport => "reuseport",
             DispatchPolicy::RoundRobin => "round-robin",
             DispatchPolicy::Shared => "shared",
             DispatchPolicy::IpHash => "ip-hash",
             DispatchPolicy::LeastConnections => "least-connections",
         }
+    }
+
+    /// sockvisor accepts and hands connections over channels: the workers must speak the
+    /// channel protocol (docs/protocol.md).
+    pub fn uses_channels(self) -> bool {
+        matches!(
+            self,
+            DispatchPolicy::RoundRobin | DispatchPolicy::IpHash | DispatchPolicy::LeastConnections
+        )
     }
 }
 

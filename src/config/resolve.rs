@@ -234,18 +234,26 @@ fn resolve_listeners(
             ));
         }
         let policy = match (&raw.addr, raw.policy) {
-            (Some(ListenAddr::Udp(_)), Some(p)) if p != DispatchPolicy::Shared => {
+            (Some(ListenAddr::Udp(_)), Some(p)) if p.uses_channels() => {
                 return Err(raw.at.err(
                     "listen",
                     format!(
-                        "listener {} is UDP, which is always shared, but dispatch = {} was asked for",
+                        "listener {} is UDP, but dispatch = {} hands over connections, which UDP does not have",
                         got(&name),
                         p.name()
                     ),
-                    "remove its dispatch or set dispatch = \"shared\"",
+                    "remove its dispatch, or use auto, reuseport or shared",
                 ))
             }
-            (Some(ListenAddr::Udp(_)), _) => DispatchPolicy::Shared,
+            (Some(ListenAddr::Unix(_)), Some(DispatchPolicy::Reuseport)) => {
+                return Err(raw.at.err(
+                    "listen",
+                    format!("listener {} is a unix socket, which has no SO_REUSEPORT groups", got(&name)),
+                    "remove its dispatch, or use shared or a channel policy (round-robin, ip-hash, least-connections)",
+                ))
+            }
+            // A channel policy given for all listeners does not apply to datagrams.
+            (Some(ListenAddr::Udp(_)), None) if dispatch.uses_channels() => DispatchPolicy::Shared,
             (_, Some(p)) => p,
             (_, None) => dispatch,
         };

@@ -64,7 +64,7 @@ fn defaults() {
     assert_eq!(c.worker_watchdog, None);
     assert_eq!(c.reload_surge, 1);
     assert_eq!(c.reload_timeout, Duration::from_secs(60));
-    assert_eq!(c.dispatch, DispatchPolicy::RoundRobin);
+    assert_eq!(c.dispatch, DispatchPolicy::Auto);
     assert!(c.listeners.is_empty());
     assert!(c.control_socket.is_some());
 }
@@ -130,7 +130,8 @@ fn flag_forms() {
     assert_eq!(c.listeners.len(), 2);
     assert_eq!(c.listeners[0].name, "web");
     assert_eq!(c.listeners[1].name, "udp");
-    assert_eq!(c.listeners[1].policy, DispatchPolicy::Shared);
+    // The default (auto) applies to UDP too: reuseport per flow where it can run.
+    assert_eq!(c.listeners[1].policy, DispatchPolicy::Auto);
     assert_eq!(c.ready_timeout, Duration::from_millis(1500));
 }
 
@@ -180,10 +181,10 @@ fn udp_with_non_shared_policy_is_an_error() {
     let e = err(&["-c", f.path().to_str().unwrap()], &[]);
     assert!(e.contains(":2: listen:"), "{e}");
     assert!(
-        e.contains("always shared") && e.contains("dispatch = \"shared\""),
+        e.contains("is UDP") && e.contains("use auto, reuseport or shared"),
         "{e}"
     );
-    // A global non-shared policy simply does not apply to UDP.
+    // A global channel policy simply does not apply to UDP.
     let c = run(
         &["--dispatch", "ip-hash", "-l", "udp://127.0.0.1:53", "app"],
         &[],
@@ -577,7 +578,7 @@ fn a_bare_port_is_a_tcp_listener_on_all_addresses() {
         (c.listeners[1].name.as_str(), &c.listeners[1].addr),
         ("admin", &all(9000))
     );
-    assert_eq!(c.listeners[0].policy, DispatchPolicy::RoundRobin);
+    assert_eq!(c.listeners[0].policy, DispatchPolicy::Auto);
     let c = run(
         &["app"],
         &[("SOCKVISOR_LISTEN", ":8000,dns=udp://127.0.0.1:53")],

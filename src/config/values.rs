@@ -217,13 +217,15 @@ fn parse_dur(s: &str) -> Result<Duration, VErr> {
 
 pub(crate) fn parse_policy(s: &str) -> Result<DispatchPolicy, VErr> {
     match s.trim() {
+        "auto" => Ok(DispatchPolicy::Auto),
+        "reuseport" => Ok(DispatchPolicy::Reuseport),
         "round-robin" | "round_robin" | "rr" => Ok(DispatchPolicy::RoundRobin),
         "shared" => Ok(DispatchPolicy::Shared),
         "ip-hash" | "ip_hash" => Ok(DispatchPolicy::IpHash),
         "least-connections" | "least_connections" => Ok(DispatchPolicy::LeastConnections),
         _ => Err((
             format!("unknown dispatch policy {}", got(s)),
-            "use round-robin, shared, ip-hash or least-connections".into(),
+            "use auto, reuseport or shared (any program), or round-robin, ip-hash or least-connections (workers that speak the channel protocol)".into(),
         )),
     }
 }

@@ -91,6 +91,8 @@ pub struct Handoff {
     paused_until: Option<Instant>,
     stopped: bool,
     accepted: u64,
+    /// Connections taken back from leaving or dead workers.
+    reclaimed: u64,
     troubles: Vec<Trouble>,
     wedge_checked: Option<Instant>,
     /// Transient send failures (`ETOOMANYREFS`, `ENOMEM`): logged now and then.
@@ -132,12 +134,24 @@ impl Handoff {
             paused_until: None,
             stopped: false,
             accepted: 0,
+            reclaimed: 0,
             troubles: Vec::new(),
             wedge_checked: None,
             send_failures: Throttle::new(SEND_FAILURE_LOG_INTERVAL),
             candidates: Vec::new(),
             order: Vec::new(),
         }
+    }
+
+    /// What a worker that never took a connection from its channel is probably doing wrong.
+    fn wrong_mode_hint(&self) -> String {
+        format!(
+            "it never took a connection from fd {} ({}), a sockvisor channel under dispatch {}: a program that calls accept() or listen() on its socket needs --dispatch reuseport (or shared); only workers that speak the channel protocol work with {}",
+            3 + self.index,
+            self.listener.name,
+            self.listener.policy.name(),
+            self.listener.policy.name()
+        )
     }
 
     fn reports_close(&self) -> bool {
@@ -304,7 +318,9 @@ impl ListenerDispatch for Handoff {
         if self.stopped {
             return 0;
         }
-        take_back(&c.channel, &mut self.pending_connections)
+        let n = take_back(&c.channel, &mut self.pending_connections);
+        self.reclaimed += n as u64;
+        n
     }
 
     fn worker_gone(&mut self, pid: Pid, poller: &Poller) -> usize {
@@ -313,6 +329,7 @@ impl ListenerDispatch for Handoff {
         };
         poller.unregister(c.channel.sockvisor_end());
         let n = take_back(&c.channel, &mut self.pending_connections);
+        self.reclaimed += n as u64;
         if self.stopped && n > 0 {
             let dropped = self.pending_connections.len();
             self.pending_connections.clear();
@@ -322,6 +339,12 @@ impl ListenerDispatch for Handoff {
             );
         }
         n
+    }
+
+    fn diagnose(&self, pid: Pid) -> Option<String> {
+        let c = self.channels.get(&pid)?;
+        let received = c.dispatched.saturating_sub(c.channel.queued() as u64);
+        (received == 0).then(|| self.wrong_mode_hint())
     }
 
     fn listener_readable(&mut self, poller: &Poller, now: Instant) {
@@ -406,6 +429,7 @@ impl ListenerDispatch for Handoff {
         }
         self.wedge_checked = Some(now);
         let wedged_after = self.settings.wedged_after;
+        let hint = self.wrong_mode_hint();
         for c in self.channels.values_mut().filter(|c| c.ready) {
             let queued = c.refresh_queued();
             let received = c.dispatched.saturating_sub(queued as u64);
@@ -413,12 +437,16 @@ impl ListenerDispatch for Handoff {
                 c.received_at_check = received;
                 c.progress_at = now;
             } else if now.saturating_duration_since(c.progress_at) >= wedged_after {
+                let mut reason = format!(
+                    "wedged: {queued} connections waiting, none received for {}s",
+                    wedged_after.as_secs()
+                );
+                if received == 0 {
+                    reason = format!("{reason}; {}", hint);
+                }
                 troubles.push(Trouble {
                     pid: c.worker.pid,
-                    reason: format!(
-                        "wedged: {queued} connections waiting, none received for {}s",
-                        wedged_after.as_secs()
-                    ),
+                    reason,
                     hung: true,
                 });
             }
@@ -456,6 +484,7 @@ impl ListenerDispatch for Handoff {
         ListenerFigures {
             accepted: Some(self.accepted),
             pending: self.pending_connections.len() as u64,
+            reclaimed: self.reclaimed,
         }
     }
 

@@ -5,6 +5,10 @@
 //!   hands each connection to a worker over that worker's channel ([`channel`]); it owns the
 //!   listener, the channels, the ready set, the windows and the pending queue. Needs workers
 //!   that speak the channel protocol (docs/protocol.md).
+//! - [`reuseport::steered::Steered`] (`reuseport`, and `auto` where it can run): every
+//!   worker gets its own listener in one `SO_REUSEPORT` group and an eBPF program picks the
+//!   next ready worker for each connection. Any program serves; sockvisor is out of the
+//!   per-connection path.
 //! - [`shared::Shared`]: every worker gets the listening socket itself and accepts (or reads
 //!   datagrams) on it; the kernel picks who wakes up.
 //!
@@ -70,8 +74,11 @@ pub struct Trouble {
 pub struct ListenerFigures {
     /// Connections accepted, where sockvisor accepts (`None`: the workers accept).
     pub accepted: Option<u64>,
-    /// Accepted connections waiting for a worker.
+    /// Connections waiting for a worker: accepted by sockvisor (channel policies), or queued
+    /// on the anchor (reuseport).
     pub pending: u64,
+    /// Connections taken back from workers that left or died and given to others.
+    pub reclaimed: u64,
 }
 
 /// Per-worker figures for `status`, summed over listeners.
@@ -123,6 +130,11 @@ pub trait ListenerDispatch {
     fn worker_gone(&mut self, _pid: Pid, _poller: &Poller) -> usize {
         0
     }
+    /// Why a worker that failed may have failed, as far as dispatch can tell (a program that
+    /// never took a connection from its channel probably accepts on fd 3 itself).
+    fn diagnose(&self, _pid: Pid) -> Option<String> {
+        None
+    }
     /// Its listener is readable.
     fn listener_readable(&mut self, _poller: &Poller, _now: Instant) {}
     /// A worker's channel is readable (close reports).
@@ -157,18 +169,38 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(listeners: Vec<Listener>, settings: Settings) -> Dispatcher {
-        let listeners = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(index, listener)| -> Box<dyn ListenerDispatch> {
-                match listener.policy {
-                    DispatchPolicy::Shared => Box::new(shared::Shared::new(listener)),
-                    _ => Box::new(handoff::Handoff::new(index, listener, settings)),
+    /// Every listener's owner. `auto` becomes `reuseport` where it can run and `shared`
+    /// elsewhere (the reason goes to the log and to `status`); an explicit `reuseport` that
+    /// cannot run is an error.
+    pub fn new(listeners: Vec<Listener>, settings: Settings) -> Result<Dispatcher, String> {
+        let mut owners: Vec<Box<dyn ListenerDispatch>> = Vec::with_capacity(listeners.len());
+        for (index, mut listener) in listeners.into_iter().enumerate() {
+            let asked = listener.policy;
+            let owner: Box<dyn ListenerDispatch> = match asked {
+                DispatchPolicy::Shared => Box::new(shared::Shared::new(listener)),
+                DispatchPolicy::Auto | DispatchPolicy::Reuseport => {
+                    listener.policy = DispatchPolicy::Reuseport;
+                    match reuseport::steered::Steered::try_new(index, listener, settings) {
+                        Ok(s) => Box::new(s),
+                        Err((listener, why)) if asked == DispatchPolicy::Reuseport => {
+                            return Err(format!(
+                                "listener {:?}: dispatch reuseport cannot run: {why}; use dispatch = \"shared\" (or auto) to serve without it",
+                                listener.name
+                            ));
+                        }
+                        Err((mut listener, why)) => {
+                            log::warn!("{}: dispatch shared, not reuseport: {why}", listener.name);
+                            listener.policy = DispatchPolicy::Shared;
+                            listener.policy_note = Some(format!("not reuseport: {why}"));
+                            Box::new(shared::Shared::new(listener))
+                        }
+                    }
                 }
-            })
-            .collect();
-        Dispatcher { listeners }
+                _ => Box::new(handoff::Handoff::new(index, listener, settings)),
+            };
+            owners.push(owner);
+        }
+        Ok(Dispatcher { listeners: owners })
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Listener> + '_ {
@@ -242,6 +274,11 @@ impl Dispatcher {
             .iter_mut()
             .map(|l| l.worker_gone(pid, poller))
             .sum()
+    }
+
+    /// The first diagnosis any listener has for a failed worker.
+    pub fn diagnose(&self, pid: Pid) -> Option<String> {
+        self.listeners.iter().find_map(|l| l.diagnose(pid))
     }
 
     /// An event of one of the dispatch owners' fds.

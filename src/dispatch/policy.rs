@@ -66,7 +66,8 @@ impl Policy {
     pub fn order(&mut self, candidates: &[Candidate], peer: Option<IpAddr>, out: &mut Vec<usize>) {
         out.clear();
         match self.kind {
-            DispatchPolicy::Shared => {}
+            // Not channel policies: nothing to order (never a Handoff's policy).
+            DispatchPolicy::Shared | DispatchPolicy::Auto | DispatchPolicy::Reuseport => {}
             DispatchPolicy::RoundRobin => self.round_robin(candidates, out),
             DispatchPolicy::IpHash => match peer {
                 Some(ip) => {

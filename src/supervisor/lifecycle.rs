@@ -179,6 +179,11 @@ impl Supervisor {
             return;
         };
         self.dirty = true;
+        let departure = worker.departure();
+        let diagnosis = match departure {
+            None | Some(Departure::Failed) if !self.stopping() => self.dispatch.diagnose(pid),
+            _ => None,
+        };
         // What it leaves behind is stopped (orphans.rs). A clean exit that leaves its
         // server running is a program that daemonizes.
         let group_lives = orphans::group_alive(pid);
@@ -206,7 +211,6 @@ impl Supervisor {
         if is_current {
             self.slots[slot].current = None;
         }
-        let departure = worker.departure();
         if self.stopping() || exit_expected(departure, status) {
             log::info!("worker {slot} (pid {pid}) {}", describe(status));
             let refill = is_current && !self.stopping() && departure != Some(Departure::Retired);
@@ -237,6 +241,11 @@ impl Supervisor {
             uptime.as_secs_f64(),
             human(delay)
         );
+        if let Some(d) = diagnosis {
+            log::warn!("worker {slot} (pid {pid}): {d}");
+            self.upstream.status(&format!("worker {slot} failed: {d}"));
+            self.diagnosis = Some(d);
+        }
         self.schedule_restart(slot, now, delay, false);
     }
 
@@ -439,6 +448,9 @@ impl Supervisor {
             return;
         }
         let backoff = &self.config.backoff;
+        if self.slots.iter().all(|s| s.history.boot_failures == 0) {
+            self.diagnosis = None;
+        }
         let all_failing = self
             .slots
             .iter()
@@ -454,6 +466,10 @@ impl Supervisor {
                 self.config.backoff.give_up_after,
                 super::backoff::MIN_UPTIME.as_secs()
             )
+        };
+        let reason = match &self.diagnosis {
+            Some(d) => format!("{reason}; {d}"),
+            None => reason,
         };
         log::error!(
             "giving up: {reason}; exiting with status {}",

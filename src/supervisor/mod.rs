@@ -97,6 +97,9 @@ pub struct Supervisor {
     status: status::StatusState,
     /// Processes workers left behind, being stopped.
     orphans: orphans::Orphans,
+    /// What dispatch made of the last failed worker (a program accepting on a channel),
+    /// repeated in `STATUS=` and at give-up until the slots start up again.
+    diagnosis: Option<String>,
 }
 
 /// Why the supervisor could not start; `main` prints it and exits with `exit_code`.
@@ -198,7 +201,9 @@ impl Supervisor {
                 .register(fd, token)
                 .map_err(|e| internal("epoll", e))?;
         }
-        for l in &listeners {
+        let dispatch =
+            Dispatcher::new(listeners, dispatch_settings(&config)).map_err(config_error)?;
+        for l in dispatch.listeners() {
             log::info!(
                 "listening on {} ({}, {}{})",
                 l.address,
@@ -207,7 +212,6 @@ impl Supervisor {
                 if l.from_systemd { ", from systemd" } else { "" }
             );
         }
-        let dispatch = Dispatcher::new(listeners, dispatch_settings(&config));
         // Checked again now that systemd's sockets are known (the config assumed one).
         crate::config::check_worker_count(config.workers, dispatch.per_worker_listeners())
             .map_err(|e| config_error(format!("workers: {e}")))?;
@@ -235,6 +239,7 @@ impl Supervisor {
             health: health::HealthState::default(),
             status: status::StatusState::default(),
             orphans: orphans::Orphans::default(),
+            diagnosis: None,
         })
     }
 

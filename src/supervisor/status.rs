@@ -60,6 +60,10 @@ impl Supervisor {
         if self.stopping() {
             s.insert_str(0, "stopping: ");
         }
+        if let Some(d) = &self.diagnosis {
+            s.push_str("; ");
+            s.push_str(d);
+        }
         s
     }
 
@@ -135,7 +139,8 @@ impl Supervisor {
                 name: l.name.clone(),
                 address: l.address.clone(),
                 policy: l.policy.name().to_string(),
-                accepted: figures.accepted.unwrap_or(0),
+                policy_note: l.policy_note.clone(),
+                accepted: figures.accepted,
                 pending: figures.pending,
             })
             .collect();

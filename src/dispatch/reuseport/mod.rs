@@ -9,7 +9,8 @@
 //! * [`program`]: the program and the layout of its maps.
 //! * [`schedule`]: plain and smooth weighted round-robin schedules.
 //! * [`listener`]: anchor, sibling listeners, queue depth, requeue.
-//! * [`group`]: [`SteeredGroup`], the safe type the supervisor uses.
+//! * [`group`]: [`SteeredGroup`], the safe type over the maps and the program.
+//! * [`steered`]: [`steered::Steered`], the listener's dispatch owner (the policy itself).
 //!
 //! Measurements and the design notes behind them: docs/reuseport.md.
 
@@ -19,6 +20,7 @@ pub mod insn;
 pub mod listener;
 pub mod program;
 pub mod schedule;
+pub mod steered;
 
 #[cfg(test)]
 mod tests;
