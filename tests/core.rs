@@ -129,8 +129,10 @@ fn self_bound_tcp_and_udp_with_three_workers() {
 
 #[test]
 fn under_systemd_socket_activate() {
-    if !std::path::Path::new("/usr/bin/systemd-socket-activate").exists() {
-        eprintln!("SKIP: systemd-socket-activate not installed (apt-get install systemd)");
+    if !require(
+        have_file("/usr/bin/systemd-socket-activate"),
+        "systemd-socket-activate not installed (apt-get install systemd)",
+    ) {
         return;
     }
     let port = free_port();
@@ -559,8 +561,10 @@ fn a_bare_port_listens_on_all_addresses() {
 
 #[test]
 fn wrong_sockets_from_systemd_are_named() {
-    if !std::path::Path::new("/usr/bin/systemd-socket-activate").exists() {
-        eprintln!("SKIP: systemd-socket-activate not installed");
+    if !require(
+        have_file("/usr/bin/systemd-socket-activate"),
+        "systemd-socket-activate not installed (apt-get install systemd)",
+    ) {
         return;
     }
     let port = free_port();

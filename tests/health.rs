@@ -538,16 +538,13 @@ fn interop_python_plain_socket() {
 
 #[test]
 fn interop_python_systemd_daemon() {
-    let ok = std::process::Command::new(python())
-        .args(["-c", "import systemd.daemon"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIP: {} cannot import systemd.daemon (apt-get install python3-systemd)",
+    if !require(
+        python_imports(python(), "systemd.daemon"),
+        &format!(
+            "{} cannot import systemd.daemon (apt-get install python3-systemd)",
             python()
-        );
+        ),
+    ) {
         return;
     }
     let script =

@@ -330,7 +330,7 @@ fn scaling_by_signal_and_command_without_failing_requests() {
 }
 
 #[test]
-fn status_matches_the_fleet_and_other_users_are_refused() {
+fn status_matches_the_fleet() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
@@ -352,10 +352,21 @@ fn status_matches_the_fleet_and_other_users_are_refused() {
     }
     let table = String::from_utf8_lossy(&fleet.ctl(&["status"]).stdout).into_owned();
     assert!(table.contains("SLOT") && table.contains("ready"), "{table}");
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: the refusal of another uid needs root (to run the client as nobody)");
+}
+
+#[test]
+fn another_user_is_refused_by_the_control_socket() {
+    if !require(
+        is_root(),
+        "needs root to run the client as another user (nobody)",
+    ) {
         return;
     }
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    write_config(&config, port, 1, &hello_cmd());
+    let (fleet, _notify) = start(&config);
     let out = Command::new(sockvisor_bin())
         .args(["status", "--control"])
         .arg(&fleet.control)

@@ -3,6 +3,10 @@
 //! listens on, free loopback ports, and small TCP/UDP clients.
 #![allow(dead_code)]
 
+mod prereq;
+#[allow(unused_imports)]
+pub use prereq::*;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::unix::net::UnixDatagram;
