@@ -201,13 +201,11 @@ fn reload(control: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn chaos_kill_stop_reload_under_load() {
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut fleet = FleetBuilder::new([
         "--workers".to_string(),
         WORKERS.to_string(),
         "--listen".into(),
-        format!("web=tcp://127.0.0.1:{port}"),
+        "web=tcp://127.0.0.1:0".into(),
         "--restart-delay".into(),
         "10ms".into(),
         "--restart-delay-max".into(),
@@ -223,13 +221,13 @@ fn chaos_kill_stop_reload_under_load() {
     .start();
     let sv = fleet.pid();
     let control = fleet.control.clone();
+    let addr = fleet.addr("web");
+    let port = addr.port();
 
     // Ready, then warm up (first accepts, status replies, log buffers) before the baseline.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(port).is_err() {
-        assert!(Instant::now() < deadline, "never served: {}", fleet.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fleet.wait_until("a first answer", Duration::from_secs(20), || {
+        http_get(port).ok()
+    });
     wait_settled(&control, Duration::from_secs(20));
     for _ in 0..300 {
         http_get(port).expect("warm-up request");

@@ -13,13 +13,15 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
-fn write_config(path: &Path, port: u16, workers: usize, command: &[String]) {
+/// A config with one listener `web` on port 0 (sockvisor logs the port it got:
+/// `fleet.port("web")`; a reload keeps the listener).
+fn write_config(path: &Path, workers: usize, command: &[String]) {
     let cmd: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
     std::fs::write(
         path,
         format!(
             "workers = {workers}\nready = \"notify\"\nready_timeout = \"5s\"\nreload_timeout = \"5s\"\nstop_timeout = \"5s\"\n\
-             command = [{}]\n[[listen]]\nname = \"web\"\nurl = \"tcp://127.0.0.1:{port}\"\n",
+             command = [{}]\n[[listen]]\nname = \"web\"\nurl = \"tcp://127.0.0.1:0\"\n",
             cmd.join(", ")
         ),
     )
@@ -53,15 +55,10 @@ fn pids(fleet: &Fleet) -> BTreeSet<i64> {
 
 /// Wait until `sockvisor status` shows `n` ready workers and nothing else.
 fn wait_workers(fleet: &Fleet, n: usize) {
-    for _ in 0..1000 {
-        let s = fleet.status();
+    fleet.wait_status(&format!("{n} ready workers and nothing else"), |s| {
         let w = s["workers"].as_array().unwrap();
-        if w.len() == n && w.iter().all(|w| w["state"] == "ready") {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("never {n} ready workers: {}", fleet.status());
+        w.len() == n && w.iter().all(|w| w["state"] == "ready")
+    });
 }
 
 /// Read one HTTP response (headers + Content-Length body).
@@ -160,11 +157,11 @@ fn run_load(port: u16, stop: Arc<AtomicBool>, load: Arc<Load>) -> Vec<std::threa
 
 #[test]
 fn five_reloads_under_load_fail_no_request() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 3, &hello_cmd());
+    write_config(&config, 3, &hello_cmd());
     let (fleet, mut notify) = start(&config);
+    let port = fleet.port("web");
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load::default());
     let threads = run_load(port, stop.clone(), load.clone());
@@ -225,11 +222,11 @@ fn five_reloads_under_load_fail_no_request() {
 
 #[test]
 fn a_broken_config_is_refused_and_the_fleet_keeps_serving() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 2, &hello_cmd());
+    write_config(&config, 2, &hello_cmd());
     let (fleet, mut notify) = start(&config);
+    let port = fleet.port("web");
     let before = pids(&fleet);
     std::fs::write(&config, "workers = \"many\"\n").unwrap();
     let out = fleet.ctl(&["reload"]);
@@ -252,19 +249,14 @@ fn a_broken_config_is_refused_and_the_fleet_keeps_serving() {
 
 #[test]
 fn a_generation_that_never_gets_ready_is_rolled_back() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 2, &hello_cmd());
+    write_config(&config, 2, &hello_cmd());
     let (fleet, _notify) = start(&config);
+    let port = fleet.port("web");
     let before = pids(&fleet);
     // The new command never says READY=1.
-    write_config(
-        &config,
-        port,
-        2,
-        &["/bin/sleep".to_string(), "60".to_string()],
-    );
+    write_config(&config, 2, &["/bin/sleep".to_string(), "60".to_string()]);
     let out = fleet.ctl(&["reload"]);
     assert!(
         !out.status.success(),
@@ -284,11 +276,11 @@ fn a_generation_that_never_gets_ready_is_rolled_back() {
 
 #[test]
 fn scaling_by_signal_and_command_without_failing_requests() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 2, &hello_cmd());
+    write_config(&config, 2, &hello_cmd());
     let (fleet, _notify) = start(&config);
+    let port = fleet.port("web");
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load::default());
     let threads = run_load(port, stop.clone(), load.clone());
@@ -331,10 +323,9 @@ fn scaling_by_signal_and_command_without_failing_requests() {
 
 #[test]
 fn status_matches_the_fleet() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 3, &hello_cmd());
+    write_config(&config, 3, &hello_cmd());
     let (fleet, _notify) = start(&config);
     let s = fleet.status();
     assert_eq!(s["pid"], fleet.pid());
@@ -362,10 +353,9 @@ fn another_user_is_refused_by_the_control_socket() {
     ) {
         return;
     }
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 1, &hello_cmd());
+    write_config(&config, 1, &hello_cmd());
     let (fleet, _notify) = start(&config);
     let out = Command::new(sockvisor_bin())
         .args(["status", "--control"])
@@ -383,16 +373,16 @@ use std::os::unix::process::CommandExt;
 
 #[test]
 fn a_reload_before_the_fleet_is_ready_sends_no_early_ready() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("app.toml");
-    write_config(&config, port, 2, &hello_cmd());
+    write_config(&config, 2, &hello_cmd());
     let mut notify = NotifySocket::new();
     let fleet = FleetBuilder::new(["-c", config.to_str().unwrap()])
         .env("HELLO_READY", "1")
         .env("HELLO_READY_DELAY_MS", "1500")
         .notify(&notify)
         .start();
+    let port = fleet.port("web");
     fleet.wait_log("worker 1 started", T);
     let out = fleet.ctl(&["reload"]);
     assert!(

@@ -45,23 +45,21 @@ fn set_nofile(pid: i32, n: u64) {
 
 #[test]
 fn emfile_on_accept_pauses_instead_of_spinning() {
-    let port = free_port();
     let fleet = FleetBuilder::new([
         "--workers".to_string(),
         "1".into(),
         "--listen".into(),
-        format!("web=tcp://127.0.0.1:{port}"),
+        "web=tcp://127.0.0.1:0".into(),
         "--".into(),
         hello_bin().display().to_string(),
     ])
     .no_inherited_fds()
     .start();
     let sv = fleet.pid();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(port).is_err() {
-        assert!(Instant::now() < deadline, "never served: {}", fleet.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let port = fleet.port("web");
+    fleet.wait_until("a first answer", Duration::from_secs(20), || {
+        http_get(port).ok()
+    });
     std::thread::sleep(Duration::from_millis(300));
     let base = fd_count(sv);
     // RLIMIT_NOFILE bounds fd *numbers*: the limit must lie above the highest open fd.
