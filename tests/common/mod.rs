@@ -150,6 +150,14 @@ fn exit_status_without_reaping(pid: i32) -> Option<String> {
     })
 }
 
+/// sockvisor's log lines at warning or error level (`sockvisor: warn  ...`,
+/// `sockvisor: error ...`; the level is written in lower case).
+pub fn warnings_and_errors(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.starts_with("sockvisor: warn ") || l.starts_with("sockvisor: error "))
+        .collect()
+}
+
 /// The last `n` lines of `log`.
 pub fn log_tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
