@@ -424,9 +424,17 @@ fn chaos_kill_stop_reload_under_load() {
         );
     }
 
+    // A clean stop: exit status 0 (SIGTERM), within the stop timeout (2 s) and a margin (the
+    // 15 s are a safety timeout).
     fleet.signal(libc::SIGTERM);
-    assert!(
-        fleet.wait(Duration::from_secs(15)).is_some(),
-        "no clean stop"
+    let status = fleet
+        .wait(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still running 15 s after SIGTERM: {}", fleet.log()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM: {}",
+        fleet.log()
     );
+    assert!(fleet.log().contains("stopped: "), "{}", fleet.log());
 }

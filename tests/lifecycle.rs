@@ -431,6 +431,17 @@ fn a_reload_before_the_fleet_is_ready_sends_no_early_ready() {
         .wait_for("READY=1", T)
         .expect("READY=1 once the fleet is ready");
     let log = fleet.log();
+    // The test means something only if the reload began while the fleet was starting.
+    let reload_began = log
+        .find("reload: starting generation 2")
+        .unwrap_or_else(|| panic!("no reload: {log}"));
+    let fleet_ready = log
+        .find("fleet ready")
+        .unwrap_or_else(|| panic!("no fleet ready: {log}"));
+    assert!(
+        reload_began < fleet_ready,
+        "the reload began after the fleet was ready: {log}"
+    );
     let all = notify.all();
     let first_ready = all
         .iter()
