@@ -105,11 +105,15 @@ fn fds(pid: i32) -> std::collections::BTreeMap<i32, String> {
     out
 }
 
-/// fds, measured once no control client is connected (a `status` request just made may
-/// still hold one for a moment).
-fn settled_fds(pid: i32) -> std::collections::BTreeMap<i32, String> {
-    std::thread::sleep(Duration::from_millis(300));
-    fds(pid)
+/// fds, measured once no control client is connected (sockvisor closes its end of a
+/// `status` request just made on its next turn).
+fn settled_fds(fleet: &Fleet) -> std::collections::BTreeMap<i32, String> {
+    fleet.wait_until(
+        "no control client connected",
+        Duration::from_secs(10),
+        || (control_clients(fleet.pid(), &fleet.control) == 0).then_some(()),
+    );
+    fds(fleet.pid())
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -169,26 +173,20 @@ fn status(control: &std::path::Path) -> Option<sockvisor::control::FleetStatus> 
 }
 
 /// The fleet is settled: `WORKERS` workers, all ready, of one generation.
-fn wait_settled(control: &std::path::Path, timeout: Duration) -> sockvisor::control::FleetStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = status(control) {
+fn wait_settled(fleet: &Fleet, timeout: Duration) -> sockvisor::control::FleetStatus {
+    fleet.wait_until(
+        &format!("{WORKERS} ready workers of one generation"),
+        timeout,
+        || {
+            let s = status(&fleet.control)?;
             let gens: BTreeSet<u64> = s.workers.iter().map(|w| w.generation).collect();
-            if s.state == "running"
+            (s.state == "running"
                 && s.workers.len() == WORKERS
                 && s.workers.iter().all(|w| w.state == "ready")
-                && gens.len() == 1
-            {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("fleet not settled: {s:#?}");
-            }
-        } else if Instant::now() >= deadline {
-            panic!("no status from the control socket");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+                && gens.len() == 1)
+                .then_some(s)
+        },
+    )
 }
 
 fn reload(control: &std::path::Path) -> std::process::Output {
@@ -228,12 +226,12 @@ fn chaos_kill_stop_reload_under_load() {
     fleet.wait_until("a first answer", Duration::from_secs(20), || {
         http_get(port).ok()
     });
-    wait_settled(&control, Duration::from_secs(20));
+    wait_settled(&fleet, Duration::from_secs(20));
     for _ in 0..300 {
         http_get(port).expect("warm-up request");
     }
-    wait_settled(&control, Duration::from_secs(20));
-    let fds_before = settled_fds(sv);
+    wait_settled(&fleet, Duration::from_secs(20));
+    let fds_before = settled_fds(&fleet);
     let rss_before = rss_kib(sv);
 
     // Load.
@@ -358,12 +356,12 @@ fn chaos_kill_stop_reload_under_load() {
     assert!(ok > opened / 2, "too few served: {ok} of {opened}");
 
     // Back to the start: settled fleet, fds, RSS, no zombie, no orphan.
-    let settled = wait_settled(&control, Duration::from_secs(30));
+    let settled = wait_settled(&fleet, Duration::from_secs(30));
     http_get(port).expect("served after the chaos");
     let deadline = Instant::now() + Duration::from_secs(10);
     let (mut fds_after, mut rss_after);
     loop {
-        fds_after = settled_fds(sv);
+        fds_after = settled_fds(&fleet);
         rss_after = rss_kib(sv);
         if fds_after.len() == fds_before.len() || Instant::now() >= deadline {
             break;
@@ -385,7 +383,7 @@ fn chaos_kill_stop_reload_under_load() {
         rss_after <= rss_before + RSS_SLACK_KIB,
         "RSS grew: {rss_before} -> {rss_after} KiB"
     );
-    let workers: BTreeSet<i32> = wait_settled(&control, Duration::from_secs(5))
+    let workers: BTreeSet<i32> = wait_settled(&fleet, Duration::from_secs(5))
         .workers
         .iter()
         .map(|w| w.pid)

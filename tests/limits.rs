@@ -60,7 +60,16 @@ fn emfile_on_accept_pauses_instead_of_spinning() {
     fleet.wait_until("a first answer", Duration::from_secs(20), || {
         http_get(port).ok()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // At rest: the answered connection was handed over (sockvisor closed its copy at once)
+    // and no control client is connected.
+    fleet.wait_status("the worker ready, nothing pending", |s| {
+        s["workers"][0]["state"] == "ready" && s["listeners"][0]["pending"] == 0
+    });
+    fleet.wait_until(
+        "no control client connected",
+        Duration::from_secs(10),
+        || (control_clients(sv, &fleet.control) == 0).then_some(()),
+    );
     let base = fd_count(sv);
     // RLIMIT_NOFILE bounds fd *numbers*: the limit must lie above the highest open fd.
     let highest = std::fs::read_dir(format!("/proc/{sv}/fd"))
@@ -81,10 +90,11 @@ fn emfile_on_accept_pauses_instead_of_spinning() {
     let mut clients = Vec::new();
     while fd_count(sv) < limit && clients.len() < 16 {
         clients.push(UnixStream::connect(&fleet.control).expect("control connect"));
-        let t = Instant::now();
-        while fd_count(sv) < base + clients.len() && t.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        fleet.wait_until(
+            "sockvisor to accept the control client",
+            Duration::from_secs(10),
+            || (control_clients(sv, &fleet.control) == clients.len()).then_some(()),
+        );
     }
     assert_eq!(
         fd_count(sv),

@@ -708,6 +708,35 @@ pub fn tcp_listener() -> std::net::TcpListener {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap()
 }
 
+/// The control clients `pid` (a sockvisor) holds a connection to: its fds that are unix
+/// sockets accepted on `control` (an accepted unix socket carries its listener's path in
+/// /proc/net/unix, and is connected, where the listener is not).
+pub fn control_clients(pid: i32, control: &Path) -> usize {
+    let path = control.display().to_string();
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    // Num RefCount Protocol Flags Type St Inode Path; St 03 = connected.
+    let accepted: std::collections::BTreeSet<String> = unix
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[5] == "03" && f[7] == path).then(|| f[6].to_string())
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.display().to_string();
+                    Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .filter(|inode| accepted.contains(inode))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// True while a process with this pid exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
