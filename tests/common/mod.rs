@@ -281,6 +281,21 @@ impl NotifySocket {
         self.seen.clone()
     }
 
+    /// Every datagram sockvisor sent, once it is gone: waits until the reader found the socket
+    /// empty after sockvisor exited (call after `Fleet::wait`).
+    pub fn drained(&mut self) -> Vec<String> {
+        let mark = self.empty_reads.load(Ordering::SeqCst);
+        let deadline = Instant::now() + SAFETY_TIMEOUT;
+        while self.empty_reads.load(Ordering::SeqCst) <= mark {
+            assert!(
+                Instant::now() < deadline,
+                "the notify socket reader is stuck"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.all()
+    }
+
     /// Index of the first datagram with a line equal to or starting with `line`.
     pub fn position(&mut self, line: &str) -> Option<usize> {
         self.all()
@@ -699,6 +714,20 @@ impl Drop for Fleet {
         if std::thread::panicking() {
             eprintln!("--- sockvisor log ---\n{}\n--- end ---", self.log());
         }
+    }
+}
+
+/// Send one datagram to a notify socket given as `NOTIFY_SOCKET` gives it: a path, or
+/// `@name` for the abstract namespace.
+pub fn send_notification(notify_socket: &str, msg: &[u8]) -> std::io::Result<usize> {
+    use std::os::linux::net::SocketAddrExt;
+    let sock = UnixDatagram::unbound()?;
+    match notify_socket.strip_prefix('@') {
+        Some(name) => sock.send_to_addr(
+            msg,
+            &std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        ),
+        None => sock.send_to(msg, notify_socket),
     }
 }
 
