@@ -206,8 +206,7 @@ fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
 
 #[test]
 fn nobody_cannot_reach_another_fleets_control_or_notify_socket() {
-    if !is_root() {
-        eprintln!("SKIP nobody_cannot_reach_another_fleets_control_or_notify_socket: needs root (workers as nobody, setuid)");
+    if !require(is_root(), "needs root (workers as nobody, setuid)") {
         return;
     }
     // Two fleets whose workers run as nobody; the probe writes its report as nobody.
