@@ -707,7 +707,13 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        // The whole process group: sockvisor and every worker it forked.
+        // Every worker leads a process group of its own (with what it forked): those groups
+        // first, while they are still sockvisor's children, then sockvisor's group (workers
+        // forked meanwhile die with sockvisor, by their parent-death signal).
+        for worker in children(self.pid()) {
+            // SAFETY: killpg(2) on the group of a live child of our child.
+            unsafe { libc::killpg(worker, libc::SIGKILL) };
+        }
         // SAFETY: killpg(2) on the group this test created for its child.
         unsafe { libc::killpg(self.pid(), libc::SIGKILL) };
         let _ = self.child.wait();
