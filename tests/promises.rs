@@ -35,6 +35,20 @@ fn sockvisor(options: &[&str], command: Vec<String>) -> FleetBuilder {
     FleetBuilder::new(args)
 }
 
+/// `sockvisor --workers N --listen web=tcp://127.0.0.1:0 --ready notify OPTIONS -- COMMAND`.
+fn web_fleet(workers: usize, options: &[&str], command: Vec<String>) -> FleetBuilder {
+    let mut all = s(&[
+        "--workers",
+        &workers.to_string(),
+        "--listen",
+        "web=tcp://127.0.0.1:0",
+        "--ready",
+        "notify",
+    ]);
+    all.extend(s(options));
+    sockvisor(&all.iter().map(|a| a.as_str()).collect::<Vec<_>>(), command)
+}
+
 /// Pids of `worker SLOT started (pid P, ...)` lines, in order.
 fn started_pids(log: &str, slot: usize) -> Vec<i32> {
     let prefix = format!("worker {slot} started (pid ");
@@ -75,22 +89,10 @@ fn worker_status(status: &serde_json::Value, pid: i32) -> Option<serde_json::Val
 fn sigint_stops_the_fleet_like_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new();
-    let mut fleet = sockvisor(
-        &[
-            "--workers",
-            "2",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--stop-timeout",
-            "1s",
-        ],
-        probe(),
-    )
-    .env("PROBE_DIR", dir.path())
-    .notify(&notify)
-    .start();
+    let mut fleet = web_fleet(2, &["--stop-timeout", "1s"], probe())
+        .env("PROBE_DIR", dir.path())
+        .notify(&notify)
+        .start();
     notify.wait_for("READY=1", T).expect("READY=1");
     let pids: Vec<i32> = probe_reports(dir.path())
         .iter()
@@ -229,17 +231,9 @@ fn a_reload_applies_a_changed_config() {
 #[test]
 fn reload_surge_starts_that_many_new_workers_at_a_time() {
     let mut notify = NotifySocket::new();
-    let fleet = sockvisor(
-        &[
-            "--workers",
-            "4",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--reload-surge",
-            "2",
-        ],
+    let fleet = web_fleet(
+        4,
+        &["--reload-surge", "2"],
         vec![hello_bin().display().to_string()],
     )
     .env("HELLO_READY", "1")
@@ -351,14 +345,9 @@ fn exit_code_70_when_sockvisor_cannot_get_what_it_runs_on() {
 #[test]
 fn a_fleet_that_never_gets_ready_gives_up_with_exit_69() {
     let mut notify = NotifySocket::new();
-    let mut fleet = sockvisor(
+    let mut fleet = web_fleet(
+        2,
         &[
-            "--workers",
-            "2",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
             "--ready-timeout",
             "200ms",
             "--restart-delay",
@@ -398,19 +387,9 @@ fn a_fleet_that_never_gets_ready_gives_up_with_exit_69() {
 #[test]
 fn a_wedged_worker_is_replaced_and_its_queue_served_by_another() {
     let mut notify = NotifySocket::new();
-    let fleet = sockvisor(
-        &[
-            "--workers",
-            "2",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--wedged-after",
-            "1s",
-            "--stop-timeout",
-            "1s",
-        ],
+    let fleet = web_fleet(
+        2,
+        &["--wedged-after", "1s", "--stop-timeout", "1s"],
         vec![hello_bin().display().to_string()],
     )
     .env("HELLO_READY", "1")
@@ -464,22 +443,10 @@ fn a_wedged_worker_is_replaced_and_its_queue_served_by_another() {
 #[test]
 fn watchdog_usec_0_disables_a_workers_watchdog() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = sockvisor(
-        &[
-            "--workers",
-            "2",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--worker-watchdog",
-            "3s",
-        ],
-        probe(),
-    )
-    .env("PROBE_DIR", dir.path())
-    .env("PROBE_NOTIFY_AFTER_READY_0", "WATCHDOG_USEC=0")
-    .start();
+    let fleet = web_fleet(2, &["--worker-watchdog", "3s"], probe())
+        .env("PROBE_DIR", dir.path())
+        .env("PROBE_NOTIFY_AFTER_READY_0", "WATCHDOG_USEC=0")
+        .start();
     let first = wait_slot_ready(&fleet, 0, 1)[0];
     let control = wait_slot_ready(&fleet, 1, 1)[0];
     // The worker without the 0 is aborted at its deadline, and replaced: by then worker 0's
@@ -503,26 +470,14 @@ fn watchdog_usec_0_disables_a_workers_watchdog() {
 #[test]
 fn extend_timeout_usec_while_stopping_pushes_the_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = sockvisor(
-        &[
-            "--workers",
-            "2",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--stop-timeout",
-            "1s",
-        ],
-        probe(),
-    )
-    .env("PROBE_DIR", dir.path())
-    .env(
-        "PROBE_NOTIFY_AFTER_READY_0",
-        "STOPPING=1\nEXTEND_TIMEOUT_USEC=4000000",
-    )
-    .env("PROBE_NOTIFY_AFTER_READY_1", "STOPPING=1")
-    .start();
+    let fleet = web_fleet(2, &["--stop-timeout", "1s"], probe())
+        .env("PROBE_DIR", dir.path())
+        .env(
+            "PROBE_NOTIFY_AFTER_READY_0",
+            "STOPPING=1\nEXTEND_TIMEOUT_USEC=4000000",
+        )
+        .env("PROBE_NOTIFY_AFTER_READY_1", "STOPPING=1")
+        .start();
     let extended = wait_slot_ready(&fleet, 0, 1)[0];
     let clock = wait_slot_ready(&fleet, 1, 1)[0];
     fleet.wait_log(&format!("(pid {extended}) is stopping (STOPPING=1)"), T);
@@ -551,22 +506,10 @@ fn extend_timeout_usec_while_stopping_pushes_the_sigkill() {
 #[test]
 fn stopping_then_exit_0_refills_the_slot_without_a_failure() {
     // Stayed up: restart_reset 1 s, and the worker is told to go once its uptime passed it.
-    let fleet_up = sockvisor(
-        &[
-            "--workers",
-            "1",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--restart-reset",
-            "1s",
-        ],
-        probe(),
-    )
-    .env("PROBE_ON_USR1", "STOPPING=1")
-    .env("PROBE_USR1_EXIT", "0")
-    .start();
+    let fleet_up = web_fleet(1, &["--restart-reset", "1s"], probe())
+        .env("PROBE_ON_USR1", "STOPPING=1")
+        .env("PROBE_USR1_EXIT", "0")
+        .start();
     let first = wait_slot_ready(&fleet_up, 0, 1)[0];
     fleet_up.wait_status("worker 0 up for more than restart_reset", |s| {
         worker_status(s, first).is_some_and(|w| w["uptime_secs"].as_f64().unwrap() > 1.2)
@@ -586,22 +529,10 @@ fn stopping_then_exit_0_refills_the_slot_without_a_failure() {
     assert!(!alive(first) && alive(pids[1]));
 
     // Right after start (uptime below restart_reset = 1 h): backoff.
-    let fleet_quick = sockvisor(
-        &[
-            "--workers",
-            "1",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--restart-reset",
-            "1h",
-        ],
-        probe(),
-    )
-    .env("PROBE_ON_USR1", "STOPPING=1")
-    .env("PROBE_USR1_EXIT", "0")
-    .start();
+    let fleet_quick = web_fleet(1, &["--restart-reset", "1h"], probe())
+        .env("PROBE_ON_USR1", "STOPPING=1")
+        .env("PROBE_USR1_EXIT", "0")
+        .start();
     let first = wait_slot_ready(&fleet_quick, 0, 1)[0];
     signal(first, libc::SIGUSR1);
     fleet_quick.wait_log(&format!("worker 0 (pid {first}) exited with status 0"), T);
@@ -615,20 +546,10 @@ fn stopping_then_exit_0_refills_the_slot_without_a_failure() {
 #[test]
 fn ignored_notifications_are_logged_at_most_once_per_10_seconds() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = sockvisor(
-        &[
-            "--workers",
-            "1",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-        ],
-        probe(),
-    )
-    .env("PROBE_DIR", dir.path())
-    .env("PROBE_ON_USR1", "STATUS=poked")
-    .start();
+    let fleet = web_fleet(1, &[], probe())
+        .env("PROBE_DIR", dir.path())
+        .env("PROBE_ON_USR1", "STATUS=poked")
+        .start();
     let report = wait_probe_reports(dir.path(), 1, &fleet).remove(0);
     let worker = report["pid"].as_i64().unwrap() as i32;
     let socket = report["env"]["NOTIFY_SOCKET"].as_str().unwrap().to_string();
@@ -874,24 +795,10 @@ fn workers_run_with_the_configured_group() {
         .gid
         .as_raw();
     let mut notify = NotifySocket::new();
-    let fleet = sockvisor(
-        &[
-            "--workers",
-            "1",
-            "--listen",
-            "web=tcp://127.0.0.1:0",
-            "--ready",
-            "notify",
-            "--user",
-            "nobody",
-            "--group",
-            "users",
-        ],
-        probe(),
-    )
-    .env("PROBE_DIR", dir.path())
-    .notify(&notify)
-    .start();
+    let fleet = web_fleet(1, &["--user", "nobody", "--group", "users"], probe())
+        .env("PROBE_DIR", dir.path())
+        .notify(&notify)
+        .start();
     let report = wait_probe_reports(dir.path(), 1, &fleet).remove(0);
     assert_eq!(report["uid"], 65534, "{report}");
     assert_eq!(report["gid"], users, "{report}");
