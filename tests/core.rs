@@ -558,7 +558,6 @@ fn worker_count_is_bounded_by_a_ceiling_and_the_fd_limit() {
 /// host has IPv6, as systemd's `ListenStream=PORT`); the test talks to it over loopback.
 #[test]
 fn a_bare_port_listens_on_all_addresses() {
-    let port = free_port();
     let mut notify = NotifySocket::new();
     let fleet = FleetBuilder::new([
         "--workers".to_string(),
@@ -566,13 +565,14 @@ fn a_bare_port_listens_on_all_addresses() {
         "--ready".into(),
         "notify".into(),
         "--listen".into(),
-        format!("web={port}"),
+        "web=0".into(),
         "--".into(),
         hello_bin().display().to_string(),
     ])
     .env("HELLO_READY", "1")
     .notify(&notify)
     .start();
+    let port = fleet.port("web");
     notify
         .wait_for("READY=1", T)
         .unwrap_or_else(|| panic!("not ready: {}", fleet.log()));
