@@ -44,6 +44,9 @@ struct Conn {
     c: Connection,
     buf: Vec<u8>,
     served: u64,
+    /// Draining: our side is shut down (FIN sent); what still arrives is read and dropped
+    /// until the client closes, so the client sees a clean close, never a reset.
+    closing: bool,
 }
 
 /// The four possible replies, built once.
@@ -313,6 +316,7 @@ impl Server {
             c,
             buf: Vec::with_capacity(1024),
             served: 0,
+            closing: false,
         })))?;
         self.open += 1;
         self.on_readable(fd); // the request has usually arrived already
@@ -331,7 +335,10 @@ impl Server {
                 slot,
                 Some(Source::Incoming(_) | Source::Udp(_) | Source::UnixDgram(_))
             );
-            // idle keep-alive connections that were served: close them now
+            // Idle keep-alive connections that were served: end them now, with a FIN first.
+            // A close() with a request already in the socket (sent by the client as we
+            // decide) would answer it with a reset, a failed request; after the FIN the
+            // client reads a clean end of file and sends it again on a new connection.
             let idle = matches!(slot, Some(Source::Conn(c)) if c.served > 0 && c.buf.is_empty());
             if listener {
                 if let Some(Source::Incoming(inc)) = self.remove(fd) {
@@ -343,7 +350,12 @@ impl Server {
                     }
                 }
             } else if idle {
-                self.remove(fd);
+                if let Some(Some(Source::Conn(c))) = self.src.get_mut(fd as usize) {
+                    c.closing = true;
+                    if sock::shutdown(fd, sock::Shutdown::Write).is_err() {
+                        self.remove(fd);
+                    }
+                }
             }
         }
     }
@@ -354,6 +366,22 @@ impl Server {
         };
         let draining = self.draining.is_some();
         let chunk = &mut self.chunk[..];
+        if c.closing {
+            // Drop what comes until the client closes (or the drain time is over).
+            let keep = loop {
+                match c.c.read(chunk) {
+                    Ok(0) => break false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => break false,
+                }
+            };
+            if !keep {
+                self.remove(fd);
+            }
+            return;
+        }
         let keep = loop {
             let n = match c.c.read(chunk) {
                 Ok(0) => break false,

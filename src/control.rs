@@ -1360,13 +1360,14 @@ mod tests {
 
     #[test]
     fn other_uid_refused_by_peer_credentials() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to connect as uid 65534");
+        if !crate::prereq::require(
+            crate::prereq::is_root(),
+            "needs root to connect as uid 65534",
+        ) {
             return;
         }
         let python = Path::new("/usr/bin/python3");
-        if !python.exists() {
-            eprintln!("skipped: /usr/bin/python3 not found");
+        if !crate::prereq::require(python.exists(), "/usr/bin/python3 not found") {
             return;
         }
         use std::os::unix::process::CommandExt;

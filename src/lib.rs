@@ -45,6 +45,12 @@ pub mod upstream;
 pub mod worker;
 pub mod worker_notify;
 
+/// The rule for unit tests that need root or a program: skip with a `SKIP:` line, or fail
+/// with `SOCKVISOR_REQUIRE_ALL=1` (the integration tests' helper, tests/common/prereq.rs).
+#[cfg(test)]
+#[path = "../tests/common/prereq.rs"]
+pub(crate) mod prereq;
+
 /// Exit codes: a contract (DESIGN.md section 3), documented in docs/config.md.
 pub mod exit {
     /// Clean stop.

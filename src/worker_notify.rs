@@ -700,13 +700,11 @@ mod tests {
 
     #[test]
     fn worker_of_another_user_can_send() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to send as uid 65534");
+        if !crate::prereq::require(crate::prereq::is_root(), "needs root to send as uid 65534") {
             return;
         }
         let python = Path::new("/usr/bin/python3");
-        if !python.exists() {
-            eprintln!("skipped: /usr/bin/python3 not found");
+        if !crate::prereq::require(python.exists(), "/usr/bin/python3 not found") {
             return;
         }
         use std::os::unix::process::CommandExt;
@@ -753,8 +751,10 @@ mod tests {
 
     #[test]
     fn private_dir_refuses_foreign_owner() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to create a directory owned by someone else");
+        if !crate::prereq::require(
+            crate::prereq::is_root(),
+            "needs root to create a directory owned by someone else",
+        ) {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -767,8 +767,10 @@ mod tests {
 
     #[test]
     fn temp_runtime_dir_is_removed_on_drop() {
-        if std::env::var_os("RUNTIME_DIRECTORY").is_some() {
-            eprintln!("skipped: RUNTIME_DIRECTORY is set");
+        if !crate::prereq::require(
+            std::env::var_os("RUNTIME_DIRECTORY").is_none(),
+            "RUNTIME_DIRECTORY is set (the private directory would go there)",
+        ) {
             return;
         }
         let s = NotifyServer::bind_private(None).unwrap();

@@ -105,11 +105,15 @@ fn fds(pid: i32) -> std::collections::BTreeMap<i32, String> {
     out
 }
 
-/// fds, measured once no control client is connected (a `status` request just made may
-/// still hold one for a moment).
-fn settled_fds(pid: i32) -> std::collections::BTreeMap<i32, String> {
-    std::thread::sleep(Duration::from_millis(300));
-    fds(pid)
+/// fds, measured once no control client is connected (sockvisor closes its end of a
+/// `status` request just made on its next turn).
+fn settled_fds(fleet: &Fleet) -> std::collections::BTreeMap<i32, String> {
+    fleet.wait_until(
+        "no control client connected",
+        Duration::from_secs(10),
+        || (control_clients(fleet.pid(), &fleet.control) == 0).then_some(()),
+    );
+    fds(fleet.pid())
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -169,26 +173,20 @@ fn status(control: &std::path::Path) -> Option<sockvisor::control::FleetStatus> 
 }
 
 /// The fleet is settled: `WORKERS` workers, all ready, of one generation.
-fn wait_settled(control: &std::path::Path, timeout: Duration) -> sockvisor::control::FleetStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = status(control) {
+fn wait_settled(fleet: &Fleet, timeout: Duration) -> sockvisor::control::FleetStatus {
+    fleet.wait_until(
+        &format!("{WORKERS} ready workers of one generation"),
+        timeout,
+        || {
+            let s = status(&fleet.control)?;
             let gens: BTreeSet<u64> = s.workers.iter().map(|w| w.generation).collect();
-            if s.state == "running"
+            (s.state == "running"
                 && s.workers.len() == WORKERS
                 && s.workers.iter().all(|w| w.state == "ready")
-                && gens.len() == 1
-            {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                panic!("fleet not settled: {s:#?}");
-            }
-        } else if Instant::now() >= deadline {
-            panic!("no status from the control socket");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+                && gens.len() == 1)
+                .then_some(s)
+        },
+    )
 }
 
 fn reload(control: &std::path::Path) -> std::process::Output {
@@ -201,13 +199,11 @@ fn reload(control: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn chaos_kill_stop_reload_under_load() {
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut fleet = FleetBuilder::new([
         "--workers".to_string(),
         WORKERS.to_string(),
         "--listen".into(),
-        format!("web=tcp://127.0.0.1:{port}"),
+        "web=tcp://127.0.0.1:0".into(),
         "--restart-delay".into(),
         "10ms".into(),
         "--restart-delay-max".into(),
@@ -223,19 +219,19 @@ fn chaos_kill_stop_reload_under_load() {
     .start();
     let sv = fleet.pid();
     let control = fleet.control.clone();
+    let addr = fleet.addr("web");
+    let port = addr.port();
 
     // Ready, then warm up (first accepts, status replies, log buffers) before the baseline.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(port).is_err() {
-        assert!(Instant::now() < deadline, "never served: {}", fleet.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    wait_settled(&control, Duration::from_secs(20));
+    fleet.wait_until("a first answer", Duration::from_secs(20), || {
+        http_get(port).ok()
+    });
+    wait_settled(&fleet, Duration::from_secs(20));
     for _ in 0..300 {
         http_get(port).expect("warm-up request");
     }
-    wait_settled(&control, Duration::from_secs(20));
-    let fds_before = settled_fds(sv);
+    wait_settled(&fleet, Duration::from_secs(20));
+    let fds_before = settled_fds(&fleet);
     let rss_before = rss_kib(sv);
 
     // Load.
@@ -360,12 +356,12 @@ fn chaos_kill_stop_reload_under_load() {
     assert!(ok > opened / 2, "too few served: {ok} of {opened}");
 
     // Back to the start: settled fleet, fds, RSS, no zombie, no orphan.
-    let settled = wait_settled(&control, Duration::from_secs(30));
+    let settled = wait_settled(&fleet, Duration::from_secs(30));
     http_get(port).expect("served after the chaos");
     let deadline = Instant::now() + Duration::from_secs(10);
     let (mut fds_after, mut rss_after);
     loop {
-        fds_after = settled_fds(sv);
+        fds_after = settled_fds(&fleet);
         rss_after = rss_kib(sv);
         if fds_after.len() == fds_before.len() || Instant::now() >= deadline {
             break;
@@ -387,7 +383,7 @@ fn chaos_kill_stop_reload_under_load() {
         rss_after <= rss_before + RSS_SLACK_KIB,
         "RSS grew: {rss_before} -> {rss_after} KiB"
     );
-    let workers: BTreeSet<i32> = wait_settled(&control, Duration::from_secs(5))
+    let workers: BTreeSet<i32> = wait_settled(&fleet, Duration::from_secs(5))
         .workers
         .iter()
         .map(|w| w.pid)
@@ -426,9 +422,17 @@ fn chaos_kill_stop_reload_under_load() {
         );
     }
 
+    // A clean stop: exit status 0 (SIGTERM), within the stop timeout (2 s) and a margin (the
+    // 15 s are a safety timeout).
     fleet.signal(libc::SIGTERM);
-    assert!(
-        fleet.wait(Duration::from_secs(15)).is_some(),
-        "no clean stop"
+    let status = fleet
+        .wait(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still running 15 s after SIGTERM: {}", fleet.log()));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM: {}",
+        fleet.log()
     );
+    assert!(fleet.log().contains("stopped: "), "{}", fleet.log());
 }

@@ -8,14 +8,16 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
-fn probe_fleet(workers: usize, port: u16, probe_dir: &std::path::Path) -> FleetBuilder {
+/// A probe fleet on a TCP listener `web` and a UDP listener `dns`, both on port 0 (read them
+/// with `fleet.port("web")`).
+fn probe_fleet(workers: usize, probe_dir: &std::path::Path) -> FleetBuilder {
     FleetBuilder::new([
         "--workers".to_string(),
         workers.to_string(),
         "--listen".into(),
-        format!("web=tcp://127.0.0.1:{port}"),
+        "web=tcp://127.0.0.1:0".into(),
         "--listen".into(),
-        format!("dns=udp://127.0.0.1:{port}"),
+        "dns=udp://127.0.0.1:0".into(),
         "--dispatch".into(),
         "shared".into(),
         "--ready".into(),
@@ -108,10 +110,10 @@ fn answers_from_several_workers(port: u16) -> BTreeSet<String> {
 
 #[test]
 fn self_bound_tcp_and_udp_with_three_workers() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new();
-    let fleet = probe_fleet(3, port, dir.path()).notify(&notify).start();
+    let fleet = probe_fleet(3, dir.path()).notify(&notify).start();
+    let (port, udp_port) = (fleet.port("web"), fleet.port("dns"));
     notify
         .wait_for("READY=1", T)
         .unwrap_or_else(|| panic!("no READY=1: {}", fleet.log()));
@@ -120,88 +122,130 @@ fn self_bound_tcp_and_udp_with_three_workers() {
         answers_from_several_workers(port).len() > 1,
         "TCP answers come from more than one worker"
     );
-    let echo = udp_request(port, b"ping").unwrap();
+    let echo = udp_request(udp_port, b"ping").unwrap();
     assert!(
         echo.starts_with("probe ") && echo.ends_with(": ping"),
         "{echo}"
     );
 }
 
+/// A port the kernel just gave out for both TCP and UDP on 127.0.0.1, closed again: only for
+/// systemd-socket-activate, which cannot bind port 0 itself (`on_a_free_port`).
+fn unused_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Run `scenario` on a port for systemd-socket-activate (which refuses port 0). Another
+/// process may take the port between `unused_port` and the bind: systemd-socket-activate then
+/// exits with "Address already in use", the scenario returns `Err(its log)`, and it starts
+/// over on another port (a few times), so a taken port is never a failure of the test.
+fn on_a_free_port(mut scenario: impl FnMut(u16) -> Result<(), String>) {
+    for attempt in 1..=5 {
+        let port = unused_port();
+        match scenario(port) {
+            Ok(()) => return,
+            Err(log) if log.contains("Address already in use") => {
+                eprintln!("port {port} was taken meanwhile (attempt {attempt}): {log}")
+            }
+            Err(log) => panic!("{log}"),
+        }
+    }
+    panic!("five ports in a row were taken before systemd-socket-activate could bind them");
+}
+
 #[test]
 fn under_systemd_socket_activate() {
-    if !std::path::Path::new("/usr/bin/systemd-socket-activate").exists() {
-        eprintln!("SKIP: systemd-socket-activate not installed (apt-get install systemd)");
+    if !require(
+        have_file("/usr/bin/systemd-socket-activate"),
+        "systemd-socket-activate not installed (apt-get install systemd)",
+    ) {
         return;
     }
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let mut notify = NotifySocket::new();
-    // Nested activation: the outer passes the TCP socket, the inner adds the UDP one; the
-    // inner --fdname names both. -E passes NOTIFY_SOCKET through (it drops it otherwise).
-    let sockvisor = sockvisor_bin().display().to_string();
-    let fleet = FleetBuilder::program(
-        "/usr/bin/systemd-socket-activate",
-        [
-            "-l".to_string(),
-            format!("127.0.0.1:{port}"),
-            "--fdname=web".into(),
-            "-E".into(),
-            "NOTIFY_SOCKET".into(),
-            "-E".into(),
-            "PROBE_DIR".into(),
-            "-E".into(),
-            "SOCKVISOR_LOG".into(),
-            "--".into(),
-            "/usr/bin/systemd-socket-activate".into(),
-            "--datagram".into(),
-            "-l".into(),
-            format!("127.0.0.1:{port}"),
-            "--fdname=web:dns".into(),
-            "-E".into(),
-            "NOTIFY_SOCKET".into(),
-            "-E".into(),
-            "PROBE_DIR".into(),
-            "-E".into(),
-            "SOCKVISOR_LOG".into(),
-            "--".into(),
-            sockvisor,
-            "--workers".into(),
-            "3".into(),
-            "--listen".into(),
-            "web".into(),
-            "--listen".into(),
-            "dns".into(),
-            "--dispatch".into(),
-            "shared".into(),
-            "--ready".into(),
-            "notify".into(),
-            "--".into(),
-            python().into(),
-            probe_script().display().to_string(),
-        ],
-    )
-    .env("PROBE_DIR", dir.path())
-    .notify(&notify)
-    .start();
-    fleet.wait_log("Listening on", T);
-    // systemd-socket-activate execs sockvisor at the first connection.
-    let first = tcp_request(port, b"hi\n").expect("first connection activates the fleet");
-    assert!(first.starts_with("probe "), "{first}");
-    notify
-        .wait_for("READY=1", T)
-        .unwrap_or_else(|| panic!("no READY=1: {}", fleet.log()));
-    check_worker_reports(&probe_reports(dir.path()), 3, &notify.path);
-    assert!(answers_from_several_workers(port).len() > 1);
-    let echo = udp_request(port, b"ping").unwrap();
-    assert!(echo.ends_with(": ping"), "{echo}");
+    on_a_free_port(|port| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut notify = NotifySocket::new();
+        // Nested activation: the outer passes the TCP socket, the inner adds the UDP one; the
+        // inner --fdname names both. -E passes NOTIFY_SOCKET through (it drops it otherwise).
+        let sockvisor = sockvisor_bin().display().to_string();
+        let fleet = FleetBuilder::program(
+            "/usr/bin/systemd-socket-activate",
+            [
+                "-l".to_string(),
+                format!("127.0.0.1:{port}"),
+                "--fdname=web".into(),
+                "-E".into(),
+                "NOTIFY_SOCKET".into(),
+                "-E".into(),
+                "PROBE_DIR".into(),
+                "-E".into(),
+                "SOCKVISOR_LOG".into(),
+                "--".into(),
+                "/usr/bin/systemd-socket-activate".into(),
+                "--datagram".into(),
+                "-l".into(),
+                format!("127.0.0.1:{port}"),
+                "--fdname=web:dns".into(),
+                "-E".into(),
+                "NOTIFY_SOCKET".into(),
+                "-E".into(),
+                "PROBE_DIR".into(),
+                "-E".into(),
+                "SOCKVISOR_LOG".into(),
+                "--".into(),
+                sockvisor,
+                "--workers".into(),
+                "3".into(),
+                "--listen".into(),
+                "web".into(),
+                "--listen".into(),
+                "dns".into(),
+                "--dispatch".into(),
+                "shared".into(),
+                "--ready".into(),
+                "notify".into(),
+                "--".into(),
+                python().into(),
+                probe_script().display().to_string(),
+            ],
+        )
+        .env("PROBE_DIR", dir.path())
+        .notify(&notify)
+        .start();
+        fleet.try_wait_log("Listening on", T)?;
+        // systemd-socket-activate execs the inner one at the first connection, which binds
+        // the UDP port and execs sockvisor.
+        let first = match tcp_request(port, b"hi\n") {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The inner one could not bind the UDP port: it exits, and the connection
+                // with it.
+                fleet.wait_until("systemd-socket-activate to exit", T, || fleet.gone());
+                return Err(format!("first connection: {e}; {}", fleet.log()));
+            }
+        };
+        assert!(first.starts_with("probe "), "{first}");
+        notify
+            .wait_for("READY=1", T)
+            .unwrap_or_else(|| panic!("no READY=1: {}", fleet.log()));
+        check_worker_reports(&probe_reports(dir.path()), 3, &notify.path);
+        assert!(answers_from_several_workers(port).len() > 1);
+        let echo = udp_request(port, b"ping").unwrap();
+        assert!(echo.ends_with(": ping"), "{echo}");
+        Ok(())
+    });
 }
 
 #[test]
 fn notifies_ready_status_stopping_in_order() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new();
-    let mut fleet = probe_fleet(2, port, dir.path()).notify(&notify).start();
+    let mut fleet = probe_fleet(2, dir.path()).notify(&notify).start();
     notify.wait_for("READY=1", T).expect("READY=1");
     fleet.signal(libc::SIGTERM);
     notify.wait_for("STOPPING=1", T).expect("STOPPING=1");
@@ -226,10 +270,9 @@ fn notifies_ready_status_stopping_in_order() {
 
 #[test]
 fn a_killed_worker_is_restarted_in_its_slot() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new();
-    let fleet = probe_fleet(2, port, dir.path()).notify(&notify).start();
+    let fleet = probe_fleet(2, dir.path()).notify(&notify).start();
     notify.wait_for("READY=1", T).expect("READY=1");
     let reports = probe_reports(dir.path());
     let victim = reports.iter().find(|r| r["worker_id"] == "1").unwrap()["pid"]
@@ -328,10 +371,9 @@ fn a_fatal_exit_code_is_not_restarted() {
 
 #[test]
 fn sigterm_stops_within_the_stop_timeout_even_if_a_worker_ignores_it() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new();
-    let mut fleet = probe_fleet(2, port, dir.path())
+    let mut fleet = probe_fleet(2, dir.path())
         .env("PROBE_IGNORE_TERM", "1")
         .env("SOCKVISOR_STOP_TIMEOUT", "1s")
         .notify(&notify)
@@ -342,9 +384,9 @@ fn sigterm_stops_within_the_stop_timeout_even_if_a_worker_ignores_it() {
         .map(|r| r["pid"].as_i64().unwrap() as i32)
         .collect();
     fleet.signal(libc::SIGTERM);
-    let status = fleet
-        .wait(Duration::from_secs(10))
-        .expect("exits after the stop timeout");
+    // The worker that ignores SIGTERM is SIGKILLed after the stop timeout (T is a safety
+    // timeout, not the bound under test: the log line is).
+    let status = fleet.wait(T).expect("exits after the stop timeout");
     assert_eq!(status.code(), Some(0), "{}", fleet.log());
     for pid in pids {
         assert!(!alive(pid), "worker {pid} left behind");
@@ -354,10 +396,9 @@ fn sigterm_stops_within_the_stop_timeout_even_if_a_worker_ignores_it() {
 
 #[test]
 fn workers_die_with_sockvisor() {
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::new();
-    let mut fleet = probe_fleet(2, port, dir.path()).notify(&notify).start();
+    let mut fleet = probe_fleet(2, dir.path()).notify(&notify).start();
     notify.wait_for("READY=1", T).expect("READY=1");
     let pids: Vec<i32> = probe_reports(dir.path())
         .iter()
@@ -517,7 +558,6 @@ fn worker_count_is_bounded_by_a_ceiling_and_the_fd_limit() {
 /// host has IPv6, as systemd's `ListenStream=PORT`); the test talks to it over loopback.
 #[test]
 fn a_bare_port_listens_on_all_addresses() {
-    let port = free_port();
     let mut notify = NotifySocket::new();
     let fleet = FleetBuilder::new([
         "--workers".to_string(),
@@ -525,13 +565,14 @@ fn a_bare_port_listens_on_all_addresses() {
         "--ready".into(),
         "notify".into(),
         "--listen".into(),
-        format!("web={port}"),
+        "web=0".into(),
         "--".into(),
         hello_bin().display().to_string(),
     ])
     .env("HELLO_READY", "1")
     .notify(&notify)
     .start();
+    let port = fleet.port("web");
     notify
         .wait_for("READY=1", T)
         .unwrap_or_else(|| panic!("not ready: {}", fleet.log()));
@@ -559,71 +600,77 @@ fn a_bare_port_listens_on_all_addresses() {
 
 #[test]
 fn wrong_sockets_from_systemd_are_named() {
-    if !std::path::Path::new("/usr/bin/systemd-socket-activate").exists() {
-        eprintln!("SKIP: systemd-socket-activate not installed");
+    if !require(
+        have_file("/usr/bin/systemd-socket-activate"),
+        "systemd-socket-activate not installed (apt-get install systemd)",
+    ) {
         return;
     }
-    let port = free_port();
     let sockvisor = sockvisor_bin().display().to_string();
     // systemd passes a datagram socket where a TCP listener is configured.
-    let mut fleet = FleetBuilder::program(
-        "/usr/bin/systemd-socket-activate",
-        [
-            "--datagram".to_string(),
-            "-l".into(),
-            format!("127.0.0.1:{port}"),
-            "--fdname=web".into(),
-            "-E".into(),
-            "SOCKVISOR_LOG".into(),
-            "--".into(),
-            sockvisor.clone(),
-            "--listen".into(),
-            format!("web=tcp://127.0.0.1:{port}"),
-            "--".into(),
-            "/bin/true".into(),
-        ],
-    )
-    .start();
-    fleet.wait_log("Listening on", T);
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .send_to(b"x", ("127.0.0.1", port))
-        .unwrap();
-    let status = fleet.wait(T).expect("exits");
-    let log = fleet.log();
-    assert_eq!(status.code(), Some(78), "{log}");
-    assert!(
-        log.contains("fd 3") && log.contains("web"),
-        "names the fd and its name: {log}"
-    );
+    on_a_free_port(|port| {
+        let mut fleet = FleetBuilder::program(
+            "/usr/bin/systemd-socket-activate",
+            [
+                "--datagram".to_string(),
+                "-l".into(),
+                format!("127.0.0.1:{port}"),
+                "--fdname=web".into(),
+                "-E".into(),
+                "SOCKVISOR_LOG".into(),
+                "--".into(),
+                sockvisor.clone(),
+                "--listen".into(),
+                "web=tcp://127.0.0.1:0".into(),
+                "--".into(),
+                "/bin/true".into(),
+            ],
+        )
+        .start();
+        fleet.try_wait_log("Listening on", T)?;
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .send_to(b"x", ("127.0.0.1", port))
+            .unwrap();
+        let status = fleet.wait(T).expect("exits");
+        let log = fleet.log();
+        assert_eq!(status.code(), Some(78), "{log}");
+        assert!(
+            log.contains("fd 3") && log.contains("web"),
+            "names the fd and its name: {log}"
+        );
+        Ok(())
+    });
     // systemd passes "http" but the config wants "web".
-    let port = free_port();
-    let mut fleet = FleetBuilder::program(
-        "/usr/bin/systemd-socket-activate",
-        [
-            "-l".to_string(),
-            format!("127.0.0.1:{port}"),
-            "--fdname=http".into(),
-            "-E".into(),
-            "SOCKVISOR_LOG".into(),
-            "--".into(),
-            sockvisor,
-            "--listen".into(),
-            "web".into(),
-            "--".into(),
-            "/bin/true".into(),
-        ],
-    )
-    .start();
-    fleet.wait_log("Listening on", T);
-    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
-    let status = fleet.wait(T).expect("exits");
-    let log = fleet.log();
-    assert_eq!(status.code(), Some(78), "{log}");
-    assert!(
-        log.contains("FileDescriptorName=web") && log.contains("http"),
-        "says what was passed and the fix: {log}"
-    );
+    on_a_free_port(|port| {
+        let mut fleet = FleetBuilder::program(
+            "/usr/bin/systemd-socket-activate",
+            [
+                "-l".to_string(),
+                format!("127.0.0.1:{port}"),
+                "--fdname=http".into(),
+                "-E".into(),
+                "SOCKVISOR_LOG".into(),
+                "--".into(),
+                sockvisor.clone(),
+                "--listen".into(),
+                "web".into(),
+                "--".into(),
+                "/bin/true".into(),
+            ],
+        )
+        .start();
+        fleet.try_wait_log("Listening on", T)?;
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+        let status = fleet.wait(T).expect("exits");
+        let log = fleet.log();
+        assert_eq!(status.code(), Some(78), "{log}");
+        assert!(
+            log.contains("FileDescriptorName=web") && log.contains("http"),
+            "says what was passed and the fix: {log}"
+        );
+        Ok(())
+    });
 }
 
 #[test]
@@ -638,7 +685,7 @@ fn workers_start_with_default_signal_state() {
         "exec grep -E '^Sig(Blk|Ign)' /proc/self/status > {}",
         out.display()
     );
-    let _fleet = FleetBuilder::new([
+    let fleet = FleetBuilder::new([
         "--workers",
         "1",
         "--listen",
@@ -653,12 +700,10 @@ fn workers_start_with_default_signal_state() {
     .notify(&notify)
     .start();
     notify.wait_for("READY=1", T).expect("READY=1");
-    let deadline = std::time::Instant::now() + T;
-    let mut sig = String::new();
-    while !sig.contains("SigIgn") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-        sig = std::fs::read_to_string(&out).unwrap_or_default();
-    }
+    let sig = fleet.wait_until("the worker's signal state", T, || {
+        let sig = std::fs::read_to_string(&out).unwrap_or_default();
+        sig.contains("SigIgn").then_some(sig)
+    });
     assert!(sig.contains("SigBlk:\t0000000000000000"), "{sig}");
     assert!(sig.contains("SigIgn:\t0000000000000000"), "{sig}");
 }

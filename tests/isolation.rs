@@ -25,12 +25,11 @@ fn is_root() -> bool {
 
 /// A `hello` fleet whose control socket is at `control` (given on the command line).
 fn run_with_control(control: &Path) -> (Option<i32>, String) {
-    let port = free_port();
     let mut fleet = FleetBuilder::new([
         "--workers".to_string(),
         "1".into(),
         "--listen".into(),
-        format!("tcp://127.0.0.1:{port}"),
+        "tcp://127.0.0.1:0".into(),
         "--control".into(),
         control.display().to_string(),
         "--".into(),
@@ -96,12 +95,12 @@ fn status(control: &Path) -> sockvisor::control::FleetStatus {
 }
 
 /// A probe fleet (python workers that report what they got), started in `cwd`.
-fn probe_fleet(port: u16, probe_dir: &Path, cwd: &Path, user: Option<&str>) -> Fleet {
+fn probe_fleet(probe_dir: &Path, cwd: &Path, user: Option<&str>) -> Fleet {
     let mut args = vec![
         "--workers".to_string(),
         "2".into(),
         "--listen".into(),
-        format!("web=tcp://127.0.0.1:{port}"),
+        "web=tcp://127.0.0.1:0".into(),
         "--ready".into(),
         "notify".into(),
     ];
@@ -153,10 +152,10 @@ fn send_datagram(path: &str, msg: &[u8]) -> std::io::Result<usize> {
 
 #[test]
 fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
-    let port = free_port();
     let probe_dir = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
-    let fleet = probe_fleet(port, probe_dir.path(), cwd.path(), None);
+    let fleet = probe_fleet(probe_dir.path(), cwd.path(), None);
+    let port = fleet.port("web");
     let reports = wait_probe_reports(probe_dir.path(), 2, &fleet);
     wait_ready(&fleet.control, 2, &fleet);
 
@@ -207,8 +206,7 @@ fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
 
 #[test]
 fn nobody_cannot_reach_another_fleets_control_or_notify_socket() {
-    if !is_root() {
-        eprintln!("SKIP nobody_cannot_reach_another_fleets_control_or_notify_socket: needs root (workers as nobody, setuid)");
+    if !require(is_root(), "needs root (workers as nobody, setuid)") {
         return;
     }
     // Two fleets whose workers run as nobody; the probe writes its report as nobody.
@@ -219,9 +217,9 @@ fn nobody_cannot_reach_another_fleets_control_or_notify_socket() {
     };
     let (dir_a, dir_b) = (mk(), mk());
     let cwd = tempfile::tempdir().unwrap();
-    let (port_a, port_b) = (free_port(), free_port());
-    let fleet_a = probe_fleet(port_a, dir_a.path(), cwd.path(), Some("nobody"));
-    let fleet_b = probe_fleet(port_b, dir_b.path(), cwd.path(), Some("nobody"));
+    let fleet_a = probe_fleet(dir_a.path(), cwd.path(), Some("nobody"));
+    let fleet_b = probe_fleet(dir_b.path(), cwd.path(), Some("nobody"));
+    let (port_a, port_b) = (fleet_a.port("web"), fleet_b.port("web"));
     let reports_a = wait_probe_reports(dir_a.path(), 2, &fleet_a);
     let reports_b = wait_probe_reports(dir_b.path(), 2, &fleet_b);
     wait_ready(&fleet_a.control, 2, &fleet_a);

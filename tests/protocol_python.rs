@@ -2,6 +2,10 @@
 //! examples/worker.c (cc) and examples/hello.rs, each given a channel made here with
 //! `Channel` (the supervisor's side) at fd 3, exactly as sockvisor places it.
 
+#[path = "common/prereq.rs"]
+mod prereq;
+use prereq::{have_program, require};
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sockvisor::dispatch::Channel;
@@ -169,19 +173,12 @@ fn manifest_path(p: &str) -> String {
         .to_string()
 }
 
-fn have(cmd: &str) -> bool {
-    Command::new(cmd)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn python_worker() {
-    if !have("python3") {
-        eprintln!("SKIP python_worker: no python3");
+    if !require(
+        have_program("python3"),
+        "no python3 (apt-get install python3)",
+    ) {
         return;
     }
     exercise(
@@ -193,8 +190,7 @@ fn python_worker() {
 
 #[test]
 fn c_worker() {
-    if !have("cc") {
-        eprintln!("SKIP c_worker: no cc");
+    if !require(have_program("cc"), "no C compiler cc (apt-get install gcc)") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

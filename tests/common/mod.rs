@@ -1,15 +1,32 @@
 //! Shared helpers for the integration tests: the real `sockvisor` binary in its own process
 //! group (killed as a group when the test ends, pass or fail), a NOTIFY_SOCKET the test
-//! listens on, free loopback ports, and small TCP/UDP clients.
+//! listens on, the ports sockvisor bound (it binds port 0 and logs what it got), sockets
+//! handed to it as systemd would, small TCP/UDP clients, and the prerequisite rule
+//! (`prereq.rs`).
+//!
+//! Every wait here is bounded by a safety timeout and returns at once, with sockvisor's exit
+//! status and the tail of its log, when sockvisor is gone.
 #![allow(dead_code)]
 
+mod prereq;
+#[allow(unused_imports)]
+pub use prereq::*;
+
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// The safety timeout of the waits here: how long a test waits for something that must
+/// happen before it fails (a slow machine makes it wait longer, never fail sooner).
+pub const SAFETY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn sockvisor_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sockvisor"))
@@ -47,16 +64,104 @@ pub fn probe_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/probe.py")
 }
 
-/// A port free for both TCP and UDP on 127.0.0.1 right now.
-pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+/// The process a [`NotifySocket`] or a wait is about: while it waits, a test checks that
+/// this process still runs, and fails at once with its exit status and the tail of its log
+/// when it is gone (instead of waiting out its whole timeout).
+#[derive(Clone, Default)]
+pub struct Watch(Arc<Mutex<Option<Watched>>>);
+
+struct Watched {
+    pid: i32,
+    log_path: PathBuf,
+    /// Set once the test reaped it (`Fleet::wait`).
+    status: Option<ExitStatus>,
+}
+
+impl Watch {
+    fn set(&self, pid: i32, log_path: PathBuf) {
+        *self.0.lock().unwrap() = Some(Watched {
+            pid,
+            log_path,
+            status: None,
+        });
+    }
+
+    fn reaped(&self, status: ExitStatus) {
+        if let Some(w) = self.0.lock().unwrap().as_mut() {
+            w.status = Some(status);
         }
     }
-    panic!("no free port");
+
+    /// `Some(how it ended)` once the watched process has exited (without reaping it).
+    pub fn gone(&self) -> Option<String> {
+        let guard = self.0.lock().unwrap();
+        let w = guard.as_ref()?;
+        if let Some(s) = w.status {
+            return Some(s.to_string());
+        }
+        exit_status_without_reaping(w.pid)
+    }
+
+    /// Panic with how the process ended and its log tail if it is gone.
+    pub fn fail_if_gone(&self, waiting_for: &str) {
+        if let Some(how) = self.gone() {
+            let (pid, log) = {
+                let guard = self.0.lock().unwrap();
+                let w = guard.as_ref().unwrap();
+                (
+                    w.pid,
+                    std::fs::read_to_string(&w.log_path).unwrap_or_default(),
+                )
+            };
+            panic!(
+                "sockvisor (pid {pid}) is gone ({how}) while waiting for {waiting_for}; its log ends:\n{}",
+                log_tail(&log, 40)
+            );
+        }
+    }
+}
+
+/// How `pid` (a child of this process) ended, if it did; leaves it waitable (WNOWAIT), so the
+/// [`Fleet`] that owns it still reaps it.
+fn exit_status_without_reaping(pid: i32) -> Option<String> {
+    // SAFETY: waitid(2) with WNOHANG|WNOWAIT on our own child only reads its state into a
+    // zeroed siginfo_t we own.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if r != 0 {
+        // ECHILD: reaped already (by Fleet::wait, which records the status) or not ours.
+        return (!alive(pid)).then(|| "exited".to_string());
+    }
+    // SAFETY: waitid filled in a SIGCHLD siginfo_t (or left si_pid 0: still running).
+    let (child, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if child == 0 {
+        return None;
+    }
+    Some(match code {
+        libc::CLD_EXITED => format!("exit status: {status}"),
+        _ => format!("killed by signal {status}"),
+    })
+}
+
+/// sockvisor's log lines at warning or error level (`sockvisor: warn  ...`,
+/// `sockvisor: error ...`; the level is written in lower case).
+pub fn warnings_and_errors(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.starts_with("sockvisor: warn ") || l.starts_with("sockvisor: error "))
+        .collect()
+}
+
+/// The last `n` lines of `log`.
+pub fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A unix datagram socket standing in for systemd's notify socket. A thread drains it as
@@ -64,8 +169,13 @@ pub fn free_port() -> u16 {
 pub struct NotifySocket {
     pub path: PathBuf,
     _dir: tempfile::TempDir,
-    received: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    received: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// Counts the reader's reads that found the socket empty: once it moves after sockvisor
+    /// exited, everything sockvisor sent has been read.
+    empty_reads: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    /// The sockvisor that sends here (set by `FleetBuilder::notify` + `start`).
+    watch: Watch,
     /// A snapshot of what was received, refreshed by every `wait_for*`.
     pub seen: Vec<String>,
 }
@@ -75,37 +185,48 @@ impl NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
-        let received =
-            std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (r, st) = (received.clone(), stop.clone());
+        let received = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let empty_reads = Arc::new(AtomicU64::new(0));
+        let (r, st, empty) = (received.clone(), stop.clone(), empty_reads.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
-            while !st.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    let (lock, cv) = &*r;
-                    lock.lock()
+            while !st.load(Ordering::Relaxed) {
+                let (lock, cv) = &*r;
+                match sock.recv(&mut buf) {
+                    Ok(n) => lock
+                        .lock()
                         .unwrap()
-                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                    cv.notify_all();
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                    Err(_) => {
+                        empty.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
+                cv.notify_all();
             }
         });
         NotifySocket {
             path,
             _dir: dir,
             received,
+            empty_reads,
             stop,
+            watch: Watch::default(),
             seen: Vec::new(),
         }
     }
 
+    /// Wait for a datagram (from index `from` on) with a line starting with `needle`. `None`
+    /// after `timeout`; a panic, with sockvisor's exit status and log tail, when sockvisor
+    /// is gone and did not send it.
     fn wait_from(&mut self, from: usize, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.received;
         let mut all = lock.lock().unwrap();
+        // Empty reads counted after sockvisor was seen gone.
+        let mut gone_at: Option<u64> = None;
         loop {
             if let Some(m) = all[from.min(all.len())..]
                 .iter()
@@ -115,12 +236,31 @@ impl NotifySocket {
                 self.seen = all.clone();
                 return Some(m);
             }
+            match gone_at {
+                // Gone, and the socket was found empty since: it will not come.
+                Some(mark) if self.empty_reads.load(Ordering::SeqCst) > mark => {
+                    self.seen = all.clone();
+                    drop(all);
+                    self.watch
+                        .fail_if_gone(&format!("{needle:?} on the notify socket"));
+                    unreachable!("gone");
+                }
+                Some(_) => {}
+                None => {
+                    if self.watch.gone().is_some() {
+                        gone_at = Some(self.empty_reads.load(Ordering::SeqCst));
+                    }
+                }
+            }
             let left = deadline.checked_duration_since(Instant::now());
             let Some(left) = left else {
                 self.seen = all.clone();
                 return None;
             };
-            all = cv.wait_timeout(all, left).unwrap().0;
+            all = cv
+                .wait_timeout(all, left.min(Duration::from_millis(20)))
+                .unwrap()
+                .0;
         }
     }
 
@@ -140,11 +280,33 @@ impl NotifySocket {
         self.seen = self.received.0.lock().unwrap().clone();
         self.seen.clone()
     }
+
+    /// Every datagram sockvisor sent, once it is gone: waits until the reader found the socket
+    /// empty after sockvisor exited (call after `Fleet::wait`).
+    pub fn drained(&mut self) -> Vec<String> {
+        let mark = self.empty_reads.load(Ordering::SeqCst);
+        let deadline = Instant::now() + SAFETY_TIMEOUT;
+        while self.empty_reads.load(Ordering::SeqCst) <= mark {
+            assert!(
+                Instant::now() < deadline,
+                "the notify socket reader is stuck"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.all()
+    }
+
+    /// Index of the first datagram with a line equal to or starting with `line`.
+    pub fn position(&mut self, line: &str) -> Option<usize> {
+        self.all()
+            .iter()
+            .position(|m| m.lines().any(|l| l.starts_with(line)))
+    }
 }
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -155,11 +317,23 @@ pub struct Fleet {
     pub control: PathBuf,
     pub log_path: PathBuf,
     _log_dir: tempfile::TempDir,
+    watch: Watch,
     status: Option<ExitStatus>,
 }
 
+type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
+
 pub struct FleetBuilder {
-    cmd: Command,
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, Option<OsString>)>,
+    cwd: Option<PathBuf>,
+    no_inherited_fds: bool,
+    /// Sockets handed over as systemd does: fd 3.. with LISTEN_FDS, LISTEN_FDNAMES and
+    /// LISTEN_PID.
+    passed: Vec<(OwnedFd, String)>,
+    pre_exec: Vec<PreExec>,
+    watches: Vec<Watch>,
 }
 
 impl FleetBuilder {
@@ -167,87 +341,206 @@ impl FleetBuilder {
     pub fn new<I, S>(args: I) -> FleetBuilder
     where
         I: IntoIterator<Item = S>,
-        S: AsRef<std::ffi::OsStr>,
+        S: AsRef<OsStr>,
     {
         Self::program(sockvisor_bin(), args)
     }
 
-    pub fn program<I, S>(program: impl AsRef<std::ffi::OsStr>, args: I) -> FleetBuilder
+    pub fn program<I, S>(program: impl AsRef<OsStr>, args: I) -> FleetBuilder
     where
         I: IntoIterator<Item = S>,
-        S: AsRef<std::ffi::OsStr>,
+        S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        for k in [
+        let mut envs: Vec<(OsString, Option<OsString>)> = [
             "NOTIFY_SOCKET",
             "LISTEN_FDS",
             "LISTEN_PID",
             "LISTEN_FDNAMES",
             "WATCHDOG_USEC",
             "WATCHDOG_PID",
-        ] {
-            cmd.env_remove(k);
-        }
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SOCKVISOR_") {
-                cmd.env_remove(k);
+            "RUNTIME_DIRECTORY",
+        ]
+        .iter()
+        .map(|k| (OsString::from(k), None))
+        .collect();
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SOCKVISOR_") {
+                envs.push((k, None));
             }
         }
-        cmd.env("SOCKVISOR_LOG", "debug");
-        FleetBuilder { cmd }
+        envs.push(("SOCKVISOR_LOG".into(), Some("debug".into())));
+        FleetBuilder {
+            program: program.as_ref().to_owned(),
+            args: args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
+            envs,
+            cwd: None,
+            no_inherited_fds: false,
+            passed: Vec::new(),
+            pre_exec: Vec::new(),
+            watches: Vec::new(),
+        }
     }
 
-    pub fn env(mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> Self {
-        self.cmd.env(k, v);
+    pub fn env(mut self, k: &str, v: impl AsRef<OsStr>) -> Self {
+        self.envs.push((k.into(), Some(v.as_ref().to_owned())));
+        self
+    }
+
+    pub fn env_remove(mut self, k: &str) -> Self {
+        self.envs.push((k.into(), None));
         self
     }
 
     pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
-        self.cmd.current_dir(dir);
+        self.cwd = Some(dir.as_ref().to_owned());
         self
     }
 
-    /// Mark every fd above 2 the test process holds close-on-exec in the child, so sockvisor
-    /// starts with only 0-2 (what systemd gives it), whatever the test runner leaked.
+    /// Start with only fds 0-2 (and the passed sockets): what systemd gives a service,
+    /// whatever the test runner leaked.
     pub fn no_inherited_fds(mut self) -> Self {
-        // SAFETY: close_range(2) is async-signal-safe; setting CLOEXEC on the child's own fds
-        // only affects what survives exec (std's own error pipe is CLOEXEC already).
-        unsafe {
-            self.cmd.pre_exec(|| {
-                libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    u32::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC,
-                );
-                Ok(())
-            });
-        }
+        self.no_inherited_fds = true;
         self
     }
 
-    pub fn notify(self, n: &NotifySocket) -> Self {
+    /// Hand `socket` over as systemd does, under `name` (repeatable: fd 3, 4, ... in order).
+    /// The program is then started through `sh -c 'LISTEN_PID=$$ ...; exec ...'`, so that
+    /// LISTEN_PID is its own pid, and inherits no other fd above 2.
+    pub fn pass(mut self, socket: impl Into<OwnedFd>, name: &str) -> Self {
+        self.passed.push((socket.into(), name.to_string()));
+        self.no_inherited_fds = true;
+        self
+    }
+
+    /// Lower RLIMIT_NOFILE (soft and hard) to `n` before exec.
+    pub fn fd_limit(mut self, n: u64) -> Self {
+        self.pre_exec.push(Box::new(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit(2) with a valid struct; async-signal-safe.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }));
+        self
+    }
+
+    /// Run `f` in the child between fork and exec (after the fds are in place).
+    ///
+    /// # Safety
+    /// `f` must only make async-signal-safe calls (no allocation, no locks).
+    pub unsafe fn pre_exec(
+        mut self,
+        f: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.pre_exec.push(Box::new(f));
+        self
+    }
+
+    pub fn notify(mut self, n: &NotifySocket) -> Self {
+        self.watches.push(n.watch.clone());
         self.env("NOTIFY_SOCKET", &n.path)
     }
 
-    pub fn start(mut self) -> Fleet {
+    pub fn start(self) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("stderr.log");
         let control = dir.path().join("control.sock");
-        self.cmd.env("SOCKVISOR_CONTROL_SOCKET", &control);
+        let mut cmd = if self.passed.is_empty() {
+            let mut c = Command::new(&self.program);
+            c.args(&self.args);
+            c
+        } else {
+            // LISTEN_PID must be the program's own pid: sh knows it ($$) and exec keeps it.
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"")
+                .arg("sh")
+                .arg(&self.program)
+                .args(&self.args);
+            c
+        };
+        for (k, v) in &self.envs {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        if !self.passed.is_empty() {
+            let names: Vec<&str> = self.passed.iter().map(|(_, n)| n.as_str()).collect();
+            cmd.env("LISTEN_FDS", self.passed.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"))
+                .env_remove("LISTEN_PID");
+        }
+        if !self
+            .envs
+            .iter()
+            .any(|(k, _)| k == "SOCKVISOR_CONTROL_SOCKET")
+        {
+            cmd.env("SOCKVISOR_CONTROL_SOCKET", &control);
+        }
+        if let Some(d) = &self.cwd {
+            cmd.current_dir(d);
+        }
         let log = std::fs::File::create(&log_path).unwrap();
-        self.cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0);
-        let child = self.cmd.spawn().expect("spawn");
+        let no_inherited = self.no_inherited_fds;
+        let sources: Vec<i32> = self.passed.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        let mut moved = vec![-1i32; sources.len()];
+        // SAFETY: only async-signal-safe syscalls (close_range, fcntl, dup2) on fds that are
+        // open in the parent; `moved` was allocated before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if no_inherited {
+                    // Every fd above 2 close-on-exec: only what is placed below survives.
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        3u32,
+                        u32::MAX,
+                        libc::CLOSE_RANGE_CLOEXEC,
+                    );
+                }
+                // Out of the way first (a source may sit where another one goes), then to
+                // 3.. (dup2 clears close-on-exec on the copy).
+                let above = 3 + sources.len() as i32;
+                for (i, &fd) in sources.iter().enumerate() {
+                    moved[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above);
+                    if moved[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &fd) in moved.iter().enumerate() {
+                    if libc::dup2(fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        for f in self.pre_exec {
+            // SAFETY: the caller of `FleetBuilder::pre_exec` promised async-signal safety.
+            unsafe { cmd.pre_exec(f) };
+        }
+        let child = cmd.spawn().expect("spawn");
+        // The child has its copies; ours close now.
+        drop(self.passed);
+        let watch = Watch::default();
+        watch.set(child.id() as i32, log_path.clone());
+        for w in &self.watches {
+            w.set(child.id() as i32, log_path.clone());
+        }
         Fleet {
             child,
             control,
             log_path,
             _log_dir: dir,
+            watch,
             status: None,
         }
     }
@@ -267,39 +560,129 @@ impl Fleet {
         unsafe { libc::kill(self.pid(), sig) };
     }
 
-    /// Wait until the log contains `needle` (for programs whose only readiness signal is a
-    /// log line, like systemd-socket-activate's "Listening on").
-    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+    /// How sockvisor ended, once it has (`None` while it runs).
+    pub fn gone(&self) -> Option<String> {
+        self.watch.gone()
+    }
+
+    /// Poll `f` until it gives a value. Fails after `timeout` (a safety timeout), or at once
+    /// with sockvisor's exit status and log tail when sockvisor is gone.
+    pub fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
-        while !self.log().contains(needle) {
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            self.watch.fail_if_gone(what);
             assert!(
                 Instant::now() < deadline,
-                "no {needle:?} in the log: {}",
-                self.log()
+                "timed out after {timeout:?} waiting for {what}; the log ends:\n{}",
+                log_tail(&self.log(), 60)
             );
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Wait until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        self.wait_until(&format!("{needle:?} in the log"), timeout, || {
+            self.log().contains(needle).then_some(())
+        })
+    }
+
+    /// Wait until the log contains `needle`; `Err(log)` if the program exits without it
+    /// (for programs that may fail to start, like systemd-socket-activate on a taken port).
+    pub fn try_wait_log(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return Ok(());
+            }
+            if let Some(how) = self.gone() {
+                return Err(format!("{how}: {log}"));
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in the log: {log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every address listener `name` listens on, from sockvisor's `listening on ADDRESS
+    /// (NAME, ...)` lines (sockvisor binds port 0 and logs the port it got); waits for them.
+    pub fn addrs(&self, name: &str) -> Vec<SocketAddr> {
+        let tag = format!(" ({name}, ");
+        self.wait_until(
+            &format!("listener {name}'s \"listening on\" line"),
+            SAFETY_TIMEOUT,
+            || {
+                let found: Vec<SocketAddr> = self
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains(&tag))
+                    .filter_map(|l| l.split_once("listening on ")?.1.split_once(&tag))
+                    .map(|(addr, _)| {
+                        addr.parse()
+                            .unwrap_or_else(|e| panic!("listener {name}: address {addr:?}: {e}"))
+                    })
+                    .collect();
+                (!found.is_empty()).then_some(found)
+            },
+        )
+    }
+
+    /// The address listener `name` listens on (see `addrs`).
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        let all = self.addrs(name);
+        assert_eq!(all.len(), 1, "listener {name} has one address: {all:?}");
+        all[0]
+    }
+
+    /// The port listener `name` listens on (see `addrs`).
+    pub fn port(&self, name: &str) -> u16 {
+        self.addr(name).port()
     }
 
     /// Run `sockvisor ARGS --control <this fleet's socket>`.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(sockvisor_bin())
-            .args(args)
-            .arg("--control")
-            .arg(&self.control)
-            .output()
-            .unwrap()
+        let mut cmd = Command::new(sockvisor_bin());
+        cmd.args(args).arg("--control").arg(&self.control);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SOCKVISOR_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.output().unwrap()
     }
 
     /// `sockvisor status --json`.
     pub fn status(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "--json"]);
+        if !out.status.success() {
+            self.watch.fail_if_gone("sockvisor status");
+        }
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Wait until `sockvisor status --json` satisfies `pred`; returns that status.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_until(what, SAFETY_TIMEOUT, || {
+            let s = self.status();
+            pred(&s).then_some(s)
+        })
     }
 
     /// Wait for the process to exit, up to `timeout`.
@@ -311,6 +694,7 @@ impl Fleet {
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 self.status = Some(s);
+                self.watch.reaped(s);
                 return self.status;
             }
             if Instant::now() >= deadline {
@@ -323,7 +707,13 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        // The whole process group: sockvisor and every worker it forked.
+        // Every worker leads a process group of its own (with what it forked): those groups
+        // first, while they are still sockvisor's children, then sockvisor's group (workers
+        // forked meanwhile die with sockvisor, by their parent-death signal).
+        for worker in children(self.pid()) {
+            // SAFETY: killpg(2) on the group of a live child of our child.
+            unsafe { libc::killpg(worker, libc::SIGKILL) };
+        }
         // SAFETY: killpg(2) on the group this test created for its child.
         unsafe { libc::killpg(self.pid(), libc::SIGKILL) };
         let _ = self.child.wait();
@@ -331,6 +721,55 @@ impl Drop for Fleet {
             eprintln!("--- sockvisor log ---\n{}\n--- end ---", self.log());
         }
     }
+}
+
+/// Send one datagram to a notify socket given as `NOTIFY_SOCKET` gives it: a path, or
+/// `@name` for the abstract namespace.
+pub fn send_notification(notify_socket: &str, msg: &[u8]) -> std::io::Result<usize> {
+    use std::os::linux::net::SocketAddrExt;
+    let sock = UnixDatagram::unbound()?;
+    match notify_socket.strip_prefix('@') {
+        Some(name) => sock.send_to_addr(
+            msg,
+            &std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        ),
+        None => sock.send_to(msg, notify_socket),
+    }
+}
+
+/// A loopback TCP listener on a port the kernel picks, to hand to sockvisor with
+/// `FleetBuilder::pass` (what a socket unit's `ListenStream=` gives).
+pub fn tcp_listener() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// The control clients `pid` (a sockvisor) holds a connection to: its fds that are unix
+/// sockets accepted on `control` (an accepted unix socket carries its listener's path in
+/// /proc/net/unix, and is connected, where the listener is not).
+pub fn control_clients(pid: i32, control: &Path) -> usize {
+    let path = control.display().to_string();
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    // Num RefCount Protocol Flags Type St Inode Path; St 03 = connected.
+    let accepted: std::collections::BTreeSet<String> = unix
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[5] == "03" && f[7] == path).then(|| f[6].to_string())
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.display().to_string();
+                    Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .filter(|inode| accepted.contains(inode))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// True while a process with this pid exists (and is not a zombie).
@@ -411,18 +850,8 @@ pub fn probe_reports(dir: &Path) -> Vec<serde_json::Value> {
 
 /// Wait until `dir` holds `n` probe reports (the probe writes its report before it serves).
 pub fn wait_probe_reports(dir: &Path, n: usize, fleet: &Fleet) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    fleet.wait_until(&format!("{n} probe reports"), SAFETY_TIMEOUT, || {
         let r = probe_reports(dir);
-        if r.len() >= n {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} probe reports of {n}: {}",
-            r.len(),
-            fleet.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        (r.len() >= n).then_some(r)
+    })
 }

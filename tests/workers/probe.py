@@ -13,8 +13,12 @@ delay; PROBE_NOTIFY_AFTER_READY=<datagram> is sent once READY=1 is
 (raw bytes, any content); with PROBE_NOTIFY_ONCE=1 only by the first worker of the fleet to get
 there (a flag file in $PROBE_DIR); PROBE_BIG=1 then sends a 64 KiB datagram
 ("STATUS=big\n" + padding) and "STATUS=after big"; PROBE_WATCHDOG=1 sends WATCHDOG=1 every
-WATCHDOG_USEC/2, PROBE_WATCHDOG_PINGS=N only N times. Core dumps are off (RLIMIT_CORE 0), so a
+WATCHDOG_USEC/2, PROBE_WATCHDOG_PINGS=N only N times (the count sent so far in
+$PROBE_DIR/pings-<pid>). Core dumps are off (RLIMIT_CORE 0), so a
 SIGABRT leaves no core file behind.
+Per slot (tests/promises.rs): PROBE_NOTIFY_AFTER_READY_<id>=<datagram> is sent after READY=1 by
+the first worker of slot <id> only (a flag file in $PROBE_DIR). On demand: on SIGUSR1 the probe
+sends PROBE_ON_USR1=<datagram>, then exits with PROBE_USR1_EXIT=N if set.
 """
 import array, json, os, resource, selectors, signal, socket, stat, sys, time
 
@@ -96,6 +100,23 @@ def first_in_fleet():
     except FileExistsError:
         return False
 
+def first_in_slot():
+    """True for the first worker of this slot to ask (PROBE_NOTIFY_AFTER_READY_<id>)."""
+    if not d:
+        return True
+    try:
+        os.close(os.open(os.path.join(d, f"notified-{wid}.flag"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+def on_usr1(signum, frame):
+    notify(os.environb.get(b"PROBE_ON_USR1", b""))
+    if "PROBE_USR1_EXIT" in os.environ:
+        os._exit(int(os.environ["PROBE_USR1_EXIT"]))
+
+signal.signal(signal.SIGUSR1, on_usr1)
+
 def answer(conn):
     try:
         # Read the request first: closing with unread data would reset the connection.
@@ -118,6 +139,9 @@ if os.environ.get("PROBE_NO_READY") != "1":
     after = os.environb.get(b"PROBE_NOTIFY_AFTER_READY")
     if after is not None and first_in_fleet():
         notify(after)
+    for_slot = os.environb.get(b"PROBE_NOTIFY_AFTER_READY_" + wid.encode())
+    if for_slot is not None and first_in_slot():
+        notify(for_slot)
     if os.environ.get("PROBE_BIG") == "1":
         notify(b"STATUS=big\n" + b"x" * (64 * 1024 - len(b"STATUS=big\n")))
         notify("STATUS=after big")
@@ -127,6 +151,7 @@ pings_left = int(os.environ.get("PROBE_WATCHDOG_PINGS", "-1"))
 if os.environ.get("PROBE_WATCHDOG") == "1" and os.environ.get("WATCHDOG_USEC"):
     watchdog_every = int(os.environ["WATCHDOG_USEC"]) / 2e6
 next_ping = time.monotonic()
+pings_sent = 0
 
 while True:
     timeout = None
@@ -135,6 +160,10 @@ while True:
         if now >= next_ping:
             notify("WATCHDOG=1")
             pings_left -= 1
+            pings_sent += 1
+            if d:
+                with open(os.path.join(d, f"pings-{pid}"), "w") as f:
+                    f.write(str(pings_sent))
             next_ping = now + watchdog_every
         timeout = max(0.0, next_ping - time.monotonic()) if pings_left != 0 else None
     for key, _ in sel.select(timeout):
