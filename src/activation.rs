@@ -582,6 +582,18 @@ mod tests {
         // A missing directory is not created.
         let e = err(bind(&dir.path().join("nope/x.sock")));
         assert!(e.contains("does not exist"), "{e}");
+        // The runtime-files policy for the directory: no world-writable one (anyone could
+        // swap the socket), no symlinked one.
+        let ww = dir.path().join("ww");
+        std::fs::create_dir(&ww).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ww, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = err(bind(&ww.join("x.sock")));
+        assert!(e.contains("writable by other users"), "{e}");
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+        let e = err(bind(&linked.join("x.sock")));
+        assert!(e.contains("is a symlink (to "), "{e}");
     }
 
     #[test]

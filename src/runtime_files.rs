@@ -36,7 +36,7 @@
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -157,17 +157,22 @@ pub fn prepare_dir(dir: &Path, setup: DirSetup) -> io::Result<()> {
     Ok(())
 }
 
+/// A new unix socket of type `ty`, non-blocking and close-on-exec.
+pub fn unix_socket(ty: SockType) -> io::Result<OwnedFd> {
+    Ok(socket::socket(
+        AddressFamily::Unix,
+        ty,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?)
+}
+
 /// Whether something answers on the socket at `path`: a non-blocking connect of type `ty`.
 /// A full backlog, or a live socket of another type, counts as an answer; "refused" or "no
 /// such file" does not. Other errors (say, no permission to probe) are returned.
 pub fn answers(path: &Path, ty: SockType) -> io::Result<bool> {
     let addr = unix_addr(path)?;
-    let probe = socket::socket(
-        AddressFamily::Unix,
-        ty,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    let probe = unix_socket(ty)?;
     match socket::connect(probe.as_raw_fd(), &addr) {
         Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS | Errno::EPROTOTYPE) => Ok(true),
         Err(Errno::ECONNREFUSED | Errno::ENOENT) => Ok(false),
@@ -373,31 +378,13 @@ pub(crate) mod tests {
     fn socket_file_is_removed_only_if_still_ours() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("s.sock");
-        let s = socket::socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let s = unix_socket(SockType::Stream).unwrap();
         let f = SocketFile::bind(&s, &p, 0o600, None).unwrap();
         assert_eq!(mode_of(&p), 0o600);
         drop(f);
         assert!(!p.exists());
         // Someone else took the path over: their file stays.
-        let f = SocketFile::bind(
-            &socket::socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap(),
-            &p,
-            0o600,
-            None,
-        )
-        .unwrap();
+        let f = SocketFile::bind(&unix_socket(SockType::Stream).unwrap(), &p, 0o600, None).unwrap();
         // (A hard link keeps our inode allocated, so theirs cannot get its number.)
         std::fs::hard_link(&p, t.path().join("ours")).unwrap();
         std::fs::remove_file(&p).unwrap();

@@ -42,8 +42,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    UnixCredentials,
+    self, sockopt, ControlMessageOwned, MsgFlags, SockType, UnixAddr, UnixCredentials,
 };
 
 use crate::runtime_files::{self, DirSetup, SocketFile};
@@ -351,12 +350,7 @@ impl NotifyServer {
 }
 
 fn new_socket() -> io::Result<OwnedFd> {
-    let sock = socket::socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    let sock = runtime_files::unix_socket(SockType::Datagram)?;
     socket::setsockopt(&sock, sockopt::PassCred, &true)?;
     // Best effort: room for bursts of notifications from many workers.
     let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(1 << 20));
@@ -398,6 +392,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = NotifyServer::bind_path(&dir.path().join("notify.sock"), None).unwrap();
         (dir, s)
+    }
+
+    /// Run the ignored test `name` of this binary in a child process with `var` set: the
+    /// environment is per process, and this one is multi-threaded.
+    fn run_child(name: &str, var: &str, value: impl AsRef<OsStr>) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--ignored", "--nocapture"])
+            .env(var, value)
+            .output()
+            .unwrap()
     }
 
     fn recv_one(s: &NotifyServer) -> Received {
@@ -634,17 +638,11 @@ mod tests {
         let (_dir, s) = server();
         // The crate reads NOTIFY_SOCKET from the environment: set it only in a child process
         // (this test binary re-executed), never in this multi-threaded one.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "worker_notify::tests::sd_notify_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("NOTIFY_SOCKET", s.path())
-            .output()
-            .unwrap();
+        let out = run_child(
+            "worker_notify::tests::sd_notify_child",
+            "NOTIFY_SOCKET",
+            s.path(),
+        );
         assert!(out.status.success(), "{out:?}");
         let r = recv_one(&s);
         assert!(r.notification.ready);
@@ -660,17 +658,11 @@ mod tests {
     #[test]
     fn libsystemd_crate_client_works_with_an_abstract_socket() {
         let s = NotifyServer::bind_abstract().unwrap();
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "worker_notify::tests::libsystemd_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("NOTIFY_SOCKET", s.address())
-            .output()
-            .unwrap();
+        let out = run_child(
+            "worker_notify::tests::libsystemd_child",
+            "NOTIFY_SOCKET",
+            s.address(),
+        );
         assert!(out.status.success(), "{out:?}");
         let r = recv_one(&s);
         assert!(r.notification.ready);
@@ -772,20 +764,11 @@ mod tests {
     #[test]
     fn under_runtime_directory_a_path_in_a_private_directory() {
         let rd = tempfile::tempdir().unwrap();
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "worker_notify::tests::runtime_directory_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env(
-                "RUNTIME_DIRECTORY",
-                format!("{}:/nonexistent", rd.path().display()),
-            )
-            .output()
-            .unwrap();
+        let out = run_child(
+            "worker_notify::tests::runtime_directory_child",
+            "RUNTIME_DIRECTORY",
+            format!("{}:/nonexistent", rd.path().display()),
+        );
         assert!(out.status.success(), "{out:?}");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let want = rd.path().join("workers/notify.sock");

@@ -11,15 +11,7 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(20);
 
 fn hello_fleet(workers: usize, port: u16) -> Fleet {
-    FleetBuilder::new([
-        "--workers".to_string(),
-        workers.to_string(),
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{port}"),
-        "--".into(),
-        hello_bin().display().to_string(),
-    ])
-    .start()
+    FleetBuilder::new(hello_args(workers, port)).start()
 }
 
 /// Wait until the fleet says it is running with every worker ready.

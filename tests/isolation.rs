@@ -51,17 +51,9 @@ fn as_nobody(command: &mut std::process::Command) -> &mut std::process::Command 
 /// A `hello` fleet whose control socket is at `control` (given on the command line).
 fn run_with_control(control: &Path) -> (Option<i32>, String) {
     let port = free_port();
-    let mut fleet = FleetBuilder::new([
-        "--workers".to_string(),
-        "1".into(),
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{port}"),
-        "--control".into(),
-        control.display().to_string(),
-        "--".into(),
-        hello_bin().display().to_string(),
-    ])
-    .start();
+    let mut args = vec!["--control".to_string(), control.display().to_string()];
+    args.extend(hello_args(1, port));
+    let mut fleet = FleetBuilder::new(args).start();
     let status = fleet.wait(T);
     (status.and_then(|s| s.code()), fleet.log())
 }
@@ -330,17 +322,10 @@ fn entries(dir: &Path) -> Vec<String> {
 fn a_sigkilled_sockvisor_leaves_nothing_behind() {
     let tmpdir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut fleet = FleetBuilder::new([
-        "--workers".to_string(),
-        "2".into(),
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{port}"),
-        "--".into(),
-        hello_bin().display().to_string(),
-    ])
-    .env("TMPDIR", tmpdir.path())
-    .env("RUNTIME_DIRECTORY", "") // not under systemd
-    .start();
+    let mut fleet = FleetBuilder::new(hello_args(2, port))
+        .env("TMPDIR", tmpdir.path())
+        .env("RUNTIME_DIRECTORY", "") // not under systemd
+        .start();
     let workers = ready_worker_pids(&fleet, 2);
     http_get(port).expect("serving");
     for &pid in &workers {
@@ -381,15 +366,7 @@ fn an_opened_control_socket_still_refuses_a_stranger() {
         return;
     }
     let port = free_port();
-    let fleet = FleetBuilder::new([
-        "--workers".to_string(),
-        "1".into(),
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{port}"),
-        "--".into(),
-        hello_bin().display().to_string(),
-    ])
-    .start();
+    let fleet = FleetBuilder::new(hello_args(1, port)).start();
     wait_ready(&fleet.control, 1, &fleet);
     let chmod = |p: &Path, mode| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()

@@ -32,7 +32,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::sys::socket::{self, sockopt, MsgFlags, SockFlag, SockType};
 
 use super::protocol::{parse_request, Reply, Request, MAX_LINE};
 use crate::runtime_files::{self, DirSetup, SocketFile};
@@ -146,7 +146,12 @@ impl ControlServer {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        runtime_files::prepare_dir(parent, DirSetup::Create)?;
+        runtime_files::prepare_dir(parent, DirSetup::Create).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{e} (set control_socket to another path)"),
+            )
+        })?;
         runtime_files::unix_addr(path)?;
         runtime_files::claim_socket_path(path, SockType::Stream).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
@@ -161,12 +166,7 @@ impl ControlServer {
                 e
             }
         })?;
-        let listener = socket::socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
+        let listener = runtime_files::unix_socket(SockType::Stream)?;
         // Peer credentials are checked on every connection anyway; the mode keeps other
         // users from even connecting.
         let file = SocketFile::bind(&listener, path, 0o600, None)?;

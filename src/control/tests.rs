@@ -43,6 +43,39 @@ fn answer(server: &mut ControlServer, id: RequestId, r: Request) {
     server.reply(id, &reply);
 }
 
+/// A server on `ctl.sock` in a fresh directory (kept while the server lives).
+fn bound() -> (tempfile::TempDir, std::path::PathBuf, ControlServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let server = ControlServer::bind(&path).unwrap();
+    (dir, path, server)
+}
+
+/// Serve until `n` requests were handed out, without answering them.
+fn take(server: &mut ControlServer, n: usize) -> Vec<(RequestId, Request)> {
+    let got = std::cell::RefCell::new(Vec::new());
+    serve(
+        server,
+        |_| got.borrow().len() >= n,
+        |_, id, r| got.borrow_mut().push((id, r)),
+    );
+    got.into_inner()
+}
+
+/// Serve until `n` requests were handed out, answering each; returns them.
+fn answer_n(server: &mut ControlServer, n: usize) -> Vec<Request> {
+    let got = std::cell::RefCell::new(Vec::new());
+    serve(
+        server,
+        |_| got.borrow().len() >= n,
+        |s, id, r| {
+            got.borrow_mut().push(r.clone());
+            answer(s, id, r)
+        },
+    );
+    got.into_inner()
+}
+
 fn read_replies(c: &UnixStream, n: usize) -> Vec<Reply> {
     let mut lines = BufReader::new(c).lines();
     (0..n)
@@ -84,15 +117,7 @@ fn round_trip_with_blocking_client() {
     for c in &conns {
         (&*c).write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
     }
-    let got = std::cell::Cell::new(0);
-    serve(
-        &mut server,
-        |_| got.get() == MAX_CLIENTS,
-        |s, id, r| {
-            got.set(got.get() + 1);
-            answer(s, id, r)
-        },
-    );
+    answer_n(&mut server, MAX_CLIENTS);
     for c in &conns {
         assert!(read_replies(c, 1)[0].ok);
     }
@@ -103,9 +128,7 @@ fn round_trip_with_blocking_client() {
 
 #[test]
 fn pipelined_garbage_and_over_long_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let c = UnixStream::connect(&path).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let writer = {
@@ -118,20 +141,9 @@ fn pipelined_garbage_and_over_long_lines() {
         })
     };
     // Bad lines are answered by the server itself; only requests reach the supervisor.
-    let got = std::cell::RefCell::new(Vec::new());
-    serve(
-        &mut server,
-        |_| got.borrow().len() >= 2,
-        |s, id, r| {
-            got.borrow_mut().push(r.clone());
-            answer(s, id, r)
-        },
-    );
+    let got = answer_n(&mut server, 2);
     writer.join().unwrap();
-    assert_eq!(
-        got.into_inner(),
-        [Request::Scale { workers: 2 }, Request::Status]
-    );
+    assert_eq!(got, [Request::Scale { workers: 2 }, Request::Status]);
 
     let replies = read_replies(&c, 5);
     let oks: Vec<bool> = replies.iter().map(|r| r.ok).collect();
@@ -148,22 +160,14 @@ fn pipelined_garbage_and_over_long_lines() {
 /// although the status is answered first.
 #[test]
 fn replies_come_in_request_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let c = UnixStream::connect(&path).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     (&c).write_all(
         b"{\"cmd\":\"reload\"}\n{\"cmd\":\"status\"}\nbad\n{\"cmd\":\"scale\",\"workers\":1}\n",
     )
     .unwrap();
-    let got = std::cell::RefCell::new(Vec::new());
-    serve(
-        &mut server,
-        |_| got.borrow().len() >= 3,
-        |_, id, r| got.borrow_mut().push((id, r)),
-    );
-    let got = got.into_inner();
+    let got = take(&mut server, 3);
     assert_eq!(got[0].1, Request::Reload);
     assert_eq!(got[1].1, Request::Status);
     // Answer the later ones first, the reload last (as a real reload ends later).
@@ -187,9 +191,7 @@ fn replies_come_in_request_order() {
 /// of them; the rest wait (the fd stays readable) and all are answered, in order.
 #[test]
 fn a_flood_is_taken_a_few_requests_per_poll() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let c = UnixStream::connect(&path).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     const N: usize = 1000;
@@ -254,19 +256,11 @@ fn a_flood_is_taken_a_few_requests_per_poll() {
 /// its requests are handed out, and its pending ones want no reply.
 #[test]
 fn a_client_that_hangs_up_is_dropped_with_its_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let c = UnixStream::connect(&path).unwrap();
     (&c).write_all(&b"{\"cmd\":\"status\"}\n".repeat(100))
         .unwrap();
-    let first = std::cell::RefCell::new(Vec::new());
-    serve(
-        &mut server,
-        |_| !first.borrow().is_empty(),
-        |_, id, _| first.borrow_mut().push(id),
-    );
-    let first = first.into_inner();
+    let first: Vec<RequestId> = take(&mut server, 1).into_iter().map(|(id, _)| id).collect();
     assert!(first.len() <= server::REQUESTS_PER_POLL);
     drop(c);
     let mut more = 0;
@@ -287,9 +281,7 @@ fn a_client_that_hangs_up_is_dropped_with_its_requests() {
 fn half_closed_client_gets_late_reply() {
     // `echo '{"cmd":"reload"}' | socat - UNIX-CONNECT:...`: request, then EOF, then the
     // reply comes when the reload is over.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let mut c = UnixStream::connect(&path).unwrap();
     c.write_all(br#"{"cmd":"reload"}"#).unwrap(); // no newline: EOF ends it
     c.shutdown(std::net::Shutdown::Write).unwrap();
@@ -321,19 +313,11 @@ fn half_closed_client_gets_late_reply() {
 
 #[test]
 fn slow_reader_is_buffered_then_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let c = UnixStream::connect(&path).unwrap();
     (&c).write_all(&b"{\"cmd\":\"status\"}\n".repeat(3))
         .unwrap();
-    let ids = std::cell::RefCell::new(Vec::new());
-    serve(
-        &mut server,
-        |_| ids.borrow().len() == 3,
-        |_, id, _| ids.borrow_mut().push(id),
-    );
-    let ids = ids.into_inner();
+    let ids: Vec<RequestId> = take(&mut server, 3).into_iter().map(|(id, _)| id).collect();
     // 1 MiB does not fit a socket buffer: buffered, and written as the client reads.
     let big = |mib: usize| Reply::ok(Some("x".repeat(mib << 20)));
     assert!(server.reply(ids[0], &big(1)));
@@ -421,9 +405,7 @@ fn client_errors_are_clear() {
 
 #[test]
 fn too_many_clients_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mut server = ControlServer::bind(&path).unwrap();
+    let (_dir, path, mut server) = bound();
     let conns: Vec<UnixStream> = (0..MAX_CLIENTS + 1)
         .map(|_| UnixStream::connect(&path).unwrap())
         .collect();
@@ -438,15 +420,7 @@ fn too_many_clients_refused() {
     for c in &conns[..MAX_CLIENTS] {
         (&*c).write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
     }
-    let got = std::cell::Cell::new(0);
-    serve(
-        &mut server,
-        |_| got.get() == MAX_CLIENTS,
-        |s, id, r| {
-            got.set(got.get() + 1);
-            answer(s, id, r)
-        },
-    );
+    answer_n(&mut server, MAX_CLIENTS);
 }
 
 #[test]

@@ -35,6 +35,18 @@ pub fn hello_bin() -> PathBuf {
     example_bin("hello")
 }
 
+/// `--workers N --listen tcp://127.0.0.1:PORT -- hello`.
+pub fn hello_args(workers: usize, port: u16) -> Vec<String> {
+    vec![
+        "--workers".to_string(),
+        workers.to_string(),
+        "--listen".into(),
+        format!("tcp://127.0.0.1:{port}"),
+        "--".into(),
+        hello_bin().display().to_string(),
+    ]
+}
+
 pub fn python() -> &'static str {
     if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
