@@ -5,7 +5,9 @@
 //! tests/health.rs.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixDatagram;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 fn main() {
     let mut fds = listenfd::ListenFd::from_env();
@@ -13,10 +15,16 @@ fn main() {
         .take_tcp_listener(0)
         .expect("fd 3 is a TCP listener")
         .expect("LISTEN_FDS for this process");
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+    if let Some(address) = std::env::var_os("NOTIFY_SOCKET") {
+        // A path, or `@name` for an abstract socket (sd_notify(3)); sockvisor outside
+        // systemd gives the latter.
         let sock = UnixDatagram::unbound().expect("socket");
-        sock.send_to(b"READY=1\nSTATUS=listenfd worker serving\n", path)
-            .expect("notify");
+        let msg = b"READY=1\nSTATUS=listenfd worker serving\n";
+        match address.as_bytes().strip_prefix(b"@") {
+            Some(name) => sock.send_to_addr(msg, &SocketAddr::from_abstract_name(name).unwrap()),
+            None => sock.send_to(msg, &address),
+        }
+        .expect("notify");
     }
     let reply = format!("listenfd {}\n", std::process::id());
     for mut conn in listener.incoming().flatten() {

@@ -16,6 +16,7 @@
 //! read on them (`shared`, and every datagram socket), as an unmodified program expects.
 
 use crate::config::{DispatchPolicy, ListenAddr, ListenerSpec};
+use crate::runtime_files::{self, DirSetup};
 use nix::errno::Errno;
 use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage,
@@ -485,64 +486,19 @@ fn bind_inet(
     Err(last)
 }
 
-/// Make `path` bindable: its parent must exist; an existing socket file is removed only if it
-/// is stale (nothing accepts connections on it); a symlink or any other file is refused.
+/// Make `path` bindable, by the runtime-files policy (`runtime_files`): its directory must
+/// exist and be safe to hold a socket; a stale socket there is removed; a live socket, a
+/// symlink or any other file is refused.
 fn prepare_unix_path(name: &str, path: &Path) -> Result<(), ActivationError> {
-    let err = |msg: String| ActivationError(format!("listener {name:?}: {msg}"));
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(parent) = parent {
-        if !parent.is_dir() {
-            return Err(err(format!(
-                "the directory {} of unix:{} does not exist; create it (e.g. RuntimeDirectory= in the unit)",
-                parent.display(),
-                path.display()
-            )));
-        }
-    }
-    let st = match stat::lstat(path) {
-        Ok(st) => st,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(err(format!("cannot inspect {}: {e}", path.display()))),
+    let err = |e: std::io::Error| {
+        ActivationError(format!("listener {name:?}: unix:{}: {e}", path.display()))
     };
-    let mode = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-    if mode == SFlag::S_IFLNK {
-        return Err(err(format!(
-            "{} is a symlink; refusing to follow it, remove it or choose another path",
-            path.display()
-        )));
-    }
-    if mode != SFlag::S_IFSOCK {
-        return Err(err(format!(
-            "{} exists and is {}, not a socket; remove it or choose another path",
-            path.display(),
-            describe_mode(mode)
-        )));
-    }
-    // A socket file: is anyone there?
-    let probe = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| err(format!("cannot probe {}: {e}", path.display())))?;
-    let ua = UnixAddr::new(path).map_err(|e| err(format!("bad path {}: {e}", path.display())))?;
-    match socket::connect(probe.as_raw_fd(), &ua) {
-        Err(Errno::ECONNREFUSED) => {
-            log::info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|e| {
-                err(format!(
-                    "cannot remove stale socket {}: {e}",
-                    path.display()
-                ))
-            })
-        }
-        Ok(()) | Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => Err(err(format!(
-            "unix:{} is in use: another process accepts connections on it",
-            path.display()
-        ))),
-        Err(e) => Err(err(format!("cannot probe {}: {e}", path.display()))),
-    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    runtime_files::prepare_dir(parent, DirSetup::Existing).map_err(err)?;
+    runtime_files::claim_socket_path(path, SockType::Stream).map_err(err)
 }
 
 #[cfg(test)]
@@ -680,6 +636,18 @@ mod tests {
         // A missing directory is not created.
         let e = err(bind(&dir.path().join("nope/x.sock")));
         assert!(e.contains("does not exist"), "{e}");
+        // The runtime-files policy for the directory: no world-writable one (anyone could
+        // swap the socket), no symlinked one.
+        let ww = dir.path().join("ww");
+        std::fs::create_dir(&ww).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ww, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = err(bind(&ww.join("x.sock")));
+        assert!(e.contains("writable by other users"), "{e}");
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+        let e = err(bind(&linked.join("x.sock")));
+        assert!(e.contains("is a symlink (to "), "{e}");
     }
 
     #[test]

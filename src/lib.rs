@@ -39,6 +39,7 @@ pub mod dispatch;
 pub mod logging;
 pub mod poller;
 pub mod protocol;
+pub mod runtime_files;
 pub mod spawn;
 pub mod supervisor;
 pub mod upstream;

@@ -1,6 +1,7 @@
 //! `sockvisor`: run a fleet, or talk to a running one.
 
 use sockvisor::config::{self, Invocation, Sources};
+use sockvisor::control::table::printable;
 use sockvisor::{activation, control, exit, logging, supervisor, upstream};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,7 +45,8 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-/// Send one request to a running sockvisor and print the answer.
+/// Send one request to a running sockvisor and print the answer (with no control
+/// character that could drive the terminal).
 fn client(path: &std::path::Path, request: control::Request, json: bool) -> i32 {
     let timeout = Duration::from_secs(600);
     let reply = match control::request(path, &request, timeout) {
@@ -57,7 +59,7 @@ fn client(path: &std::path::Path, request: control::Request, json: bool) -> i32 
     if !reply.ok {
         eprintln!(
             "sockvisor: {}",
-            reply.error.as_deref().unwrap_or("request failed")
+            printable(reply.error.as_deref().unwrap_or("request failed"))
         );
         return 1;
     }
@@ -69,7 +71,7 @@ fn client(path: &std::path::Path, request: control::Request, json: bool) -> i32 
         (Some(status), false) => print!("{}", control::format_status_table(status)),
         (None, _) => {
             if let Some(m) = &reply.message {
-                println!("{m}");
+                println!("{}", printable(m));
             }
         }
     }

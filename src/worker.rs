@@ -694,25 +694,52 @@ impl AsFd for Stream {
     }
 }
 
+/// Send one notification to `NOTIFY_SOCKET`: a path, or `@name` for an abstract socket
+/// (what sockvisor gives outside systemd), as `sd_notify(3)` reads it. A no-op without
+/// `NOTIFY_SOCKET`. (The `sd-notify` crate, 0.5, knows only paths.)
+fn notify(state: sd_notify::NotifyState<'_>) -> io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    let Some(address) = std::env::var_os("NOTIFY_SOCKET").filter(|a| !a.is_empty()) else {
+        return Ok(());
+    };
+    let message = format!("{state}\n");
+    let socket = UnixDatagram::unbound()?;
+    let sent = match address.as_bytes().strip_prefix(b"@") {
+        Some(name) => socket.send_to_addr(
+            message.as_bytes(),
+            &std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        )?,
+        None => socket.send_to(message.as_bytes(), &address)?,
+    };
+    if sent != message.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "incomplete notification",
+        ));
+    }
+    Ok(())
+}
+
 /// Tell sockvisor (`NOTIFY_SOCKET`) this worker is ready (`READY=1`); it matters with
 /// `--ready notify`. A no-op without `NOTIFY_SOCKET`.
 pub fn notify_ready() -> io::Result<()> {
-    sd_notify::notify(&[sd_notify::NotifyState::Ready])
+    notify(sd_notify::NotifyState::Ready)
 }
 
 /// `STATUS=<status>`, shown by `sockvisor status`.
 pub fn notify_status(status: &str) -> io::Result<()> {
-    sd_notify::notify(&[sd_notify::NotifyState::Status(status)])
+    notify(sd_notify::NotifyState::Status(status))
 }
 
 /// `WATCHDOG=1`: send at least every [`watchdog_interval`] / 2.
 pub fn notify_watchdog() -> io::Result<()> {
-    sd_notify::notify(&[sd_notify::NotifyState::Watchdog])
+    notify(sd_notify::NotifyState::Watchdog)
 }
 
 /// `STOPPING=1`.
 pub fn notify_stopping() -> io::Result<()> {
-    sd_notify::notify(&[sd_notify::NotifyState::Stopping])
+    notify(sd_notify::NotifyState::Stopping)
 }
 
 /// The watchdog timeout (`WATCHDOG_USEC`, when `WATCHDOG_PID` is unset or this pid).

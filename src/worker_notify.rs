@@ -1,25 +1,55 @@
 //! The `NOTIFY_SOCKET` sockvisor offers its workers: sockvisor is their systemd.
 //!
-//! A unix datagram socket with `SO_PASSCRED` in a directory only sockvisor (and, when
-//! workers run as another user, that user's group) can enter. Each datagram is attributed to
-//! the sender's pid from the kernel's credentials; the supervisor drops messages from pids
-//! that are not live workers. Fds sent along are closed. Parsing follows systemd: one
-//! `KEY=VALUE` per line, unknown keys ignored.
+//! A unix datagram socket with `SO_PASSCRED`. Each datagram is attributed to the sender's
+//! pid from the kernel's credentials (`SCM_CREDENTIALS`, which a sender cannot forge); the
+//! supervisor acts only on datagrams from pids that are live workers of this fleet, and
+//! drops the rest. Fds sent along are closed. Parsing follows systemd: one `KEY=VALUE` per
+//! line, unknown keys ignored.
+//!
+//! # Where it is
+//!
+//! - Under systemd with `RuntimeDirectory=` (`$RUNTIME_DIRECTORY` set, as in the shipped
+//!   units): `$RUNTIME_DIRECTORY/workers/notify.sock`, in a private directory (0700, or 0710
+//!   to the workers' group when they run as another user; `runtime_files`). systemd removes
+//!   the directory when the service stops, SIGKILL included, and every sd_notify client
+//!   speaks paths, the `sd-notify` crate (0.5) included, which does not know `@` names.
+//! - Elsewhere: an abstract socket, `NOTIFY_SOCKET=@sockvisor/<pid>/<random>`. It has no
+//!   file, so a SIGKILLed sockvisor leaves nothing behind (a fresh `/tmp/sockvisor.XXXXXX`
+//!   per start used to pile up). libsystemd (`sd_notify(3)`, `systemd-notify`,
+//!   python-systemd), the `libsystemd` crate, Go's go-systemd, `sockvisor::worker` and
+//!   raw senders that map a leading `@` to a NUL byte accept it, as `sd_notify(3)`
+//!   documents.
+//!
+//! # Trust boundary
+//!
+//! An abstract socket has no file mode: **any process in sockvisor's network namespace**,
+//! of any user, can send to it (as to systemd's own `/run/systemd/notify`, which is
+//! world-writable). What keeps a stranger out is the pid check, not permissions: a datagram
+//! acts only if the kernel says it came from a live worker of this fleet. A stranger can
+//! make sockvisor log (rate-limited) and spend a bounded effort per wake-up ([`RECV_BATCH`]
+//! datagrams), and by flooding it can delay the workers' own notifications; it cannot make
+//! a worker ready, healthy or stopping. Under `$RUNTIME_DIRECTORY` the directory's mode
+//! also keeps out everyone but sockvisor's user and the workers' group. Workers moved into
+//! another network namespace cannot reach an abstract socket.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    UnixCredentials,
+    self, sockopt, ControlMessageOwned, MsgFlags, SockType, UnixAddr, UnixCredentials,
 };
+
+use crate::runtime_files::{self, DirSetup, SocketFile};
+
+/// Datagrams [`NotifyServer::recv`] returns before it returns `None` once, so one drain of
+/// the socket is bounded even while someone floods it.
+pub const RECV_BATCH: usize = 256;
 
 /// Longest `STATUS=` text kept (bytes, cut on a char boundary).
 pub const MAX_STATUS_LEN: usize = 512;
@@ -138,101 +168,103 @@ pub struct NotifyStats {
 }
 
 pub struct NotifyServer {
-    path: PathBuf,
+    /// The `NOTIFY_SOCKET` value workers get: `@name` (abstract) or a path.
+    address: OsString,
+    /// The socket file, for a socket bound on a path (removed on drop).
+    file: Option<SocketFile>,
     sock: OwnedFd,
-    /// Directory to remove on drop: the temporary one we created.
-    remove_dir: Option<PathBuf>,
     buf: RefCell<Vec<u8>>,
     cmsg: RefCell<Vec<u8>>,
     stats: Cell<NotifyStats>,
+    /// Datagrams returned since `recv` last returned `None`.
+    batch: Cell<usize>,
 }
 
 impl NotifyServer {
-    /// Bind `dir/notify.sock` (non-blocking, close-on-exec, `SO_PASSCRED`). `dir` must exist
-    /// and be private to sockvisor. With `worker_gid`, the socket is made writable by that
-    /// group so workers running as another user can send.
-    ///
-    /// A stale `notify.sock` is removed first, only if it is a socket (never follows a
-    /// symlink). The socket file is unlinked on drop.
-    pub fn bind(dir: &Path, worker_gid: Option<u32>) -> std::io::Result<NotifyServer> {
-        let path = dir.join("notify.sock");
-        remove_stale_socket(&path)?;
-        let sock = socket::socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
-        socket::setsockopt(&sock, sockopt::PassCred, &true)?;
-        // Best effort: room for bursts of notifications from many workers.
-        let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(1 << 20));
-        let addr = UnixAddr::new(&path).map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!(
-                    "cannot use {} as the workers' notify socket: {e} (at most 107 bytes)",
-                    path.display()
-                ),
-            )
-        })?;
-        socket::bind(sock.as_raw_fd(), &addr)?;
-        let mode = match worker_gid {
-            Some(gid) => {
-                nix::unistd::fchownat(
-                    nix::fcntl::AT_FDCWD,
-                    &path,
-                    None,
-                    Some(nix::unistd::Gid::from_raw(gid)),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_file(&path);
-                })?;
-                0o620
+    /// The workers' notify socket, where the module documentation says: in
+    /// `$RUNTIME_DIRECTORY/workers` (made private, group `worker_gid` when workers run as
+    /// another user) under systemd, else an abstract socket.
+    pub fn bind_for_workers(worker_gid: Option<u32>) -> io::Result<NotifyServer> {
+        match runtime_directory() {
+            Some(rd) => {
+                let dir = rd.join("workers");
+                runtime_files::prepare_dir(&dir, DirSetup::Private { group: worker_gid })?;
+                NotifyServer::bind_path(&dir.join("notify.sock"), worker_gid)
             }
-            None => 0o600,
-        };
-        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+            None => NotifyServer::bind_abstract(),
         }
-        Ok(NotifyServer {
-            path,
+    }
+
+    /// Bind an abstract socket `@sockvisor/<pid>/<random>`: unique to this sockvisor (the
+    /// pid), and to this start even when another pid namespace shares the network namespace
+    /// (the random part). It vanishes with the socket: nothing to clean up after a crash.
+    pub fn bind_abstract() -> io::Result<NotifyServer> {
+        let sock = new_socket()?;
+        let mut tries = 0;
+        loop {
+            let name = format!("sockvisor/{}/{:016x}", std::process::id(), random_u64());
+            let addr = UnixAddr::new_abstract(name.as_bytes())?;
+            match socket::bind(sock.as_raw_fd(), &addr) {
+                Ok(()) => {
+                    return Ok(NotifyServer::new(
+                        OsString::from(format!("@{name}")),
+                        None,
+                        sock,
+                    ))
+                }
+                Err(Errno::EADDRINUSE) if tries < 8 => tries += 1,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("cannot bind the workers' notify socket @{name}: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Bind at `path` (its directory prepared by the caller). A stale socket there is
+    /// replaced, a live one or any other file refused (`runtime_files`). The socket is mode
+    /// 0600, or 0620 with group `worker_gid` so workers running as another user can send.
+    pub fn bind_path(path: &Path, worker_gid: Option<u32>) -> io::Result<NotifyServer> {
+        runtime_files::unix_addr(path)?;
+        runtime_files::claim_socket_path(path, SockType::Datagram)?;
+        let sock = new_socket()?;
+        let mode = if worker_gid.is_some() { 0o620 } else { 0o600 };
+        let file = SocketFile::bind(&sock, path, mode, worker_gid)?;
+        Ok(NotifyServer::new(
+            path.as_os_str().to_owned(),
+            Some(file),
             sock,
-            remove_dir: None,
+        ))
+    }
+
+    fn new(address: OsString, file: Option<SocketFile>, sock: OwnedFd) -> NotifyServer {
+        NotifyServer {
+            address,
+            file,
+            sock,
             buf: RefCell::new(vec![0u8; RECV_BUFFER_LEN]),
             cmsg: RefCell::new(nix::cmsg_space!(UnixCredentials, [RawFd; MAX_FDS])),
             stats: Cell::new(NotifyStats::default()),
-        })
-    }
-
-    /// Create the runtime directory ([`make_private_runtime_dir`], made group-enterable for
-    /// `worker_gid`) and bind in it. A temporary directory created here is removed on drop.
-    pub fn bind_private(worker_gid: Option<u32>) -> io::Result<NotifyServer> {
-        let dir = runtime_dir(worker_gid)?;
-        match NotifyServer::bind(&dir.path, worker_gid) {
-            Ok(mut server) => {
-                if dir.created_temp {
-                    server.remove_dir = Some(dir.path);
-                }
-                Ok(server)
-            }
-            Err(e) => {
-                if dir.created_temp {
-                    let _ = std::fs::remove_dir(&dir.path);
-                }
-                Err(e)
-            }
+            batch: Cell::new(0),
         }
     }
 
-    /// Also remove `dir` (if empty) on drop: for a directory the caller created for us.
-    pub fn remove_dir_on_drop(&mut self, dir: PathBuf) {
-        self.remove_dir = Some(dir);
+    /// The `NOTIFY_SOCKET` value for workers: `@sockvisor/...` or a path.
+    pub fn address(&self) -> &OsStr {
+        &self.address
     }
 
+    /// [`NotifyServer::address`] as a `Path`, for a path socket. An `@name` is not a file:
+    /// never open it as one.
     pub fn path(&self) -> &Path {
-        &self.path
+        Path::new(&self.address)
+    }
+
+    /// Whether the socket is abstract (no file).
+    pub fn is_abstract(&self) -> bool {
+        self.file.is_none()
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
@@ -243,9 +275,15 @@ impl NotifyServer {
         self.stats.get()
     }
 
-    /// The next datagram, or `None` when there is none (EAGAIN). Oversized datagrams are
+    /// The next datagram, or `None` when there is none (EAGAIN), or when [`RECV_BATCH`]
+    /// datagrams were returned since the last `None`: a flood cannot hold the loop in one
+    /// drain (the socket stays readable and the loop comes back). Oversized datagrams are
     /// truncated and parsed as far as they go; fds that came with it are closed.
     pub fn recv(&self) -> std::io::Result<Option<Received>> {
+        if self.batch.get() >= RECV_BATCH {
+            self.batch.set(0);
+            return Ok(None);
+        }
         let mut buf = self.buf.borrow_mut();
         let mut cmsg = self.cmsg.borrow_mut();
         let mut stats = self.stats.get();
@@ -259,7 +297,10 @@ impl NotifyServer {
             ) {
                 Ok(msg) => msg,
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return Ok(None),
+                Err(Errno::EAGAIN) => {
+                    self.batch.set(0);
+                    return Ok(None);
+                }
                 Err(e) => return Err(e.into()),
             };
             stats.received += 1;
@@ -294,6 +335,7 @@ impl NotifyServer {
             break (msg.bytes.min(buf.len()), pid);
         };
         self.stats.set(stats);
+        self.batch.set(self.batch.get() + 1);
         Ok(Some(Received {
             pid,
             notification: parse(&buf[..len]),
@@ -301,172 +343,58 @@ impl NotifyServer {
     }
 }
 
-impl Drop for NotifyServer {
-    fn drop(&mut self) {
-        if is_socket(&self.path) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-        if let Some(dir) = &self.remove_dir {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
+fn new_socket() -> io::Result<OwnedFd> {
+    let sock = runtime_files::unix_socket(SockType::Datagram)?;
+    socket::setsockopt(&sock, sockopt::PassCred, &true)?;
+    // Best effort: room for bursts of notifications from many workers.
+    let _ = socket::setsockopt(&sock, sockopt::RcvBuf, &(1 << 20));
+    Ok(sock)
 }
 
-fn is_socket(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::symlink_metadata(path)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
+/// `$RUNTIME_DIRECTORY` (its first entry, when systemd gives a list), if set.
+fn runtime_directory() -> Option<PathBuf> {
+    let rd = std::env::var_os("RUNTIME_DIRECTORY").filter(|v| !v.is_empty())?;
+    let first = rd
+        .into_vec()
+        .split(|&b| b == b':')
+        .find(|s| !s.is_empty())
+        .map(<[u8]>::to_vec)?;
+    Some(PathBuf::from(OsString::from_vec(first)))
 }
 
-/// Remove `path` if it is a socket (lstat: a symlink is never followed). Anything else there
-/// is an error.
-pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Create (or check) a private directory: mode 0700, or 0710 with group `worker_gid` so
-/// workers of that group can reach a socket inside it. A symlink is refused; an existing
-/// directory must be owned by sockvisor's euid, and its mode and group are then set.
-pub fn private_dir(path: &Path, worker_gid: Option<u32>) -> io::Result<()> {
-    private_dir_created(path, worker_gid).map(|_| ())
-}
-
-/// [`private_dir`], telling whether the directory was created.
-fn private_dir_created(path: &Path, worker_gid: Option<u32>) -> io::Result<bool> {
-    let created = match std::fs::DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot create {}: {e}", path.display()),
-            ))
-        }
-    };
-    // O_NOFOLLOW|O_DIRECTORY: a symlink (or anything but a directory) fails here, and every
-    // check below is on the object we opened, not on a path that could be swapped.
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "{} must be a directory, not a symlink or file: {e}",
-                    path.display()
-                ),
-            )
-        })?;
-    let meta = dir.metadata()?;
-    let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != euid {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{} is owned by uid {}, not by sockvisor's uid {euid}; refusing to use it",
-                path.display(),
-                meta.uid()
-            ),
-        ));
-    }
-    let mode = match worker_gid {
-        Some(gid) => {
-            if meta.gid() != gid {
-                nix::unistd::fchown(&dir, None, Some(nix::unistd::Gid::from_raw(gid)))?;
-            }
-            0o710
-        }
-        None => 0o700,
-    };
-    if meta.mode() & 0o7777 != mode {
-        if !created {
-            log::debug!(
-                "{}: mode {:o} -> {:o}",
-                path.display(),
-                meta.mode() & 0o7777,
-                mode
-            );
-        }
-        dir.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    }
-    Ok(created)
-}
-
-/// Where the workers' notify socket lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeDir {
-    pub path: PathBuf,
-    /// A fresh temporary directory that its user should remove when done.
-    pub created_temp: bool,
-}
-
-/// `$RUNTIME_DIRECTORY/workers` (the first entry, when systemd gives a list) when set, else
-/// a fresh private directory `sockvisor.XXXXXX` under `$TMPDIR` or `/tmp`.
-pub fn make_private_runtime_dir() -> io::Result<PathBuf> {
-    runtime_dir(None).map(|d| d.path)
-}
-
-/// [`make_private_runtime_dir`] with the group workers need, telling whether the directory
-/// is a temporary one.
-pub fn runtime_dir(worker_gid: Option<u32>) -> io::Result<RuntimeDir> {
-    if let Some(rd) = std::env::var_os("RUNTIME_DIRECTORY").filter(|v| !v.is_empty()) {
-        let first = rd
-            .into_vec()
-            .split(|&b| b == b':')
-            .next()
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default();
-        let path = PathBuf::from(OsString::from_vec(first)).join("workers");
-        private_dir(&path, worker_gid)?;
-        return Ok(RuntimeDir {
-            path,
-            created_temp: false,
-        });
-    }
-    let base = std::env::var_os("TMPDIR")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    // mkdtemp creates the directory 0700 with a name nobody could have predicted.
-    let path = nix::unistd::mkdtemp(&base.join("sockvisor.XXXXXX")).map_err(|e| {
-        io::Error::other(format!(
-            "cannot create a directory in {}: {e}",
-            base.display()
-        ))
-    })?;
-    if let Err(e) = private_dir(&path, worker_gid) {
-        let _ = std::fs::remove_dir(&path);
-        return Err(e);
-    }
-    Ok(RuntimeDir {
-        path,
-        created_temp: true,
-    })
+/// Not a secret (the pid check is what protects the socket): only unlikely to repeat.
+/// `RandomState` is seeded from the OS's random source.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixDatagram;
 
     fn server() -> (tempfile::TempDir, NotifyServer) {
         let dir = tempfile::tempdir().unwrap();
-        let s = NotifyServer::bind(dir.path(), None).unwrap();
+        let s = NotifyServer::bind_path(&dir.path().join("notify.sock"), None).unwrap();
         (dir, s)
+    }
+
+    /// Run the ignored test `name` of this binary in a child process with `var` set: the
+    /// environment is per process, and this one is multi-threaded.
+    fn run_child(name: &str, var: &str, value: impl AsRef<OsStr>) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--ignored", "--nocapture"])
+            .env(var, value)
+            .output()
+            .unwrap()
     }
 
     fn recv_one(s: &NotifyServer) -> Received {
@@ -562,25 +490,96 @@ mod tests {
 
     #[test]
     fn socket_file_mode_and_stale_and_cleanup() {
-        use std::os::unix::fs::FileTypeExt;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
         // A stale socket is replaced.
-        let stale = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
-        drop(stale);
-        let s = NotifyServer::bind(dir.path(), None).unwrap();
+        drop(UnixDatagram::bind(&path).unwrap());
+        let s = NotifyServer::bind_path(&path, None).unwrap();
+        assert!(!s.is_abstract());
         let m = std::fs::symlink_metadata(s.path()).unwrap();
         assert!(m.file_type().is_socket());
         assert_eq!(m.mode() & 0o777, 0o600);
-        let path = s.path().to_path_buf();
+        // A live one is not: the first server keeps its socket.
+        let e = NotifyServer::bind_path(&path, None).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(path.exists());
         drop(s);
         assert!(!path.exists());
 
         // Anything else is not.
         std::fs::write(&path, b"x").unwrap();
-        assert!(NotifyServer::bind(dir.path(), None).is_err());
+        assert!(NotifyServer::bind_path(&path, None).is_err());
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink("/nonexistent", &path).unwrap();
-        assert!(NotifyServer::bind(dir.path(), None).is_err());
+        assert!(NotifyServer::bind_path(&path, None).is_err());
+
+        // A group-writable socket for workers in that group (our own gid always works).
+        let gid = nix::unistd::getegid().as_raw();
+        let p2 = dir.path().join("g.sock");
+        let s = NotifyServer::bind_path(&p2, Some(gid)).unwrap();
+        let m = std::fs::symlink_metadata(s.path()).unwrap();
+        assert_eq!((m.mode() & 0o777, m.gid()), (0o620, gid));
+    }
+
+    /// Outside systemd: an abstract socket, named per sockvisor and per start, that works
+    /// and leaves no file.
+    #[test]
+    fn abstract_socket_reports_pid_and_leaves_no_file() {
+        use std::os::linux::net::SocketAddrExt;
+        let a = NotifyServer::bind_abstract().unwrap();
+        let b = NotifyServer::bind_abstract().unwrap();
+        assert!(a.is_abstract());
+        let name = a.address().to_str().unwrap().to_string();
+        let prefix = format!("@sockvisor/{}/", std::process::id());
+        assert!(name.starts_with(&prefix), "{name}");
+        assert_ne!(a.address(), b.address(), "two servers of one process");
+        assert!(!Path::new(&name).exists());
+        let to = std::os::unix::net::SocketAddr::from_abstract_name(&name.as_bytes()[1..]).unwrap();
+        let c = UnixDatagram::unbound().unwrap();
+        c.send_to_addr(b"READY=1\nSTATUS=abstract", &to).unwrap();
+        let r = recv_one(&a);
+        assert_eq!(r.pid, Some(std::process::id() as i32));
+        assert_eq!(r.notification.status.as_deref(), Some("abstract"));
+        assert!(b.recv().unwrap().is_none());
+        drop(a);
+        // Gone with the socket: nobody answers at the name any more.
+        let e = c.send_to_addr(b"READY=1", &to).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    }
+
+    /// A flood is taken at most `RECV_BATCH` datagrams per drain (`recv` says "none" in
+    /// between, and the socket stays readable), and nothing is lost. The kernel queues only
+    /// `net.unix.max_dgram_qlen` datagrams, so the flood comes from senders blocked on it.
+    #[test]
+    fn recv_is_bounded_per_drain() {
+        let (_dir, s) = server();
+        const SENDERS: usize = 4;
+        const EACH: usize = 1000;
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|_| {
+                let path = s.path().to_path_buf();
+                std::thread::spawn(move || {
+                    let c = UnixDatagram::unbound().unwrap();
+                    for _ in 0..EACH {
+                        c.send_to(b"WATCHDOG=1", &path).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let (mut total, mut largest) = (0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while total < SENDERS * EACH {
+            assert!(std::time::Instant::now() < deadline, "{total} received");
+            let n = std::iter::from_fn(|| s.recv().unwrap()).count();
+            assert!(n <= RECV_BATCH, "{n} datagrams in one drain");
+            (total, largest) = (total + n, largest.max(n));
+        }
+        for t in senders {
+            t.join().unwrap();
+        }
+        assert_eq!(s.stats().received, (SENDERS * EACH) as u64);
+        eprintln!("largest drain: {largest} datagrams");
     }
 
     #[test]
@@ -632,17 +631,11 @@ mod tests {
         let (_dir, s) = server();
         // The crate reads NOTIFY_SOCKET from the environment: set it only in a child process
         // (this test binary re-executed), never in this multi-threaded one.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "worker_notify::tests::sd_notify_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("NOTIFY_SOCKET", s.path())
-            .output()
-            .unwrap();
+        let out = run_child(
+            "worker_notify::tests::sd_notify_child",
+            "NOTIFY_SOCKET",
+            s.path(),
+        );
         assert!(out.status.success(), "{out:?}");
         let r = recv_one(&s);
         assert!(r.notification.ready);
@@ -651,6 +644,42 @@ mod tests {
         assert!(r.pid.is_some() && r.pid != Some(std::process::id() as i32));
         let r = recv_one(&s);
         assert!(r.notification.watchdog && r.notification.stopping);
+    }
+
+    /// The abstract `NOTIFY_SOCKET` with a real client: the `libsystemd` crate (as
+    /// `sd_notify(3)`, it maps `@` to the abstract namespace).
+    #[test]
+    fn libsystemd_crate_client_works_with_an_abstract_socket() {
+        let s = NotifyServer::bind_abstract().unwrap();
+        let out = run_child(
+            "worker_notify::tests::libsystemd_child",
+            "NOTIFY_SOCKET",
+            s.address(),
+        );
+        assert!(out.status.success(), "{out:?}");
+        let r = recv_one(&s);
+        assert!(r.notification.ready);
+        assert_eq!(r.notification.status.as_deref(), Some("from libsystemd"));
+        assert!(r.pid.is_some() && r.pid != Some(std::process::id() as i32));
+    }
+
+    /// Run only by `libsystemd_crate_client_works_with_an_abstract_socket`.
+    #[test]
+    #[ignore]
+    fn libsystemd_child() {
+        use libsystemd::daemon::{notify, NotifyState};
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        let sent = notify(
+            false,
+            &[
+                NotifyState::Ready,
+                NotifyState::Status("from libsystemd".into()),
+            ],
+        )
+        .unwrap();
+        assert!(sent);
     }
 
     /// Run only by `sd_notify_crate_client_works`, with NOTIFY_SOCKET set.
@@ -671,36 +700,8 @@ mod tests {
     }
 
     #[test]
-    fn private_dir_checks() {
-        let t = tempfile::tempdir().unwrap();
-        let d = t.path().join("w");
-        private_dir(&d, None).unwrap();
-        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o700);
-        // Existing and ours: mode is repaired.
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        private_dir(&d, None).unwrap();
-        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o700);
-        // Group mode for workers of another user (our own gid always works).
-        let gid = nix::unistd::getegid().as_raw();
-        private_dir(&d, Some(gid)).unwrap();
-        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o7777, 0o710);
-        // Symlinks and files are refused.
-        let l = t.path().join("link");
-        std::os::unix::fs::symlink(&d, &l).unwrap();
-        assert!(private_dir(&l, None).is_err());
-        let f = t.path().join("file");
-        std::fs::write(&f, b"").unwrap();
-        assert!(private_dir(&f, None).is_err());
-
-        // A group-writable socket for workers in that group.
-        let s = NotifyServer::bind(&d, Some(gid)).unwrap();
-        let m = std::fs::symlink_metadata(s.path()).unwrap();
-        assert_eq!((m.mode() & 0o777, m.gid()), (0o620, gid));
-    }
-
-    #[test]
     fn worker_of_another_user_can_send() {
-        if !crate::prereq::require(crate::prereq::is_root(), "needs root to send as uid 65534") {
+        if !crate::prereq::require(crate::prereq::is_root(), "needs root to act as uid 65534") {
             return;
         }
         let python = Path::new("/usr/bin/python3");
@@ -711,8 +712,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let d = t.path().join("workers");
-        private_dir(&d, Some(65534)).unwrap();
-        let s = NotifyServer::bind(&d, Some(65534)).unwrap();
+        runtime_files::prepare_dir(&d, DirSetup::Private { group: Some(65534) }).unwrap();
+        let s = NotifyServer::bind_path(&d.join("notify.sock"), Some(65534)).unwrap();
         let send = |gid: u32| {
             std::process::Command::new(python)
                 .args([
@@ -749,39 +750,43 @@ mod tests {
         assert!(s.recv().unwrap().is_none());
     }
 
+    /// `$RUNTIME_DIRECTORY` set (systemd): a path in its private `workers` directory, as
+    /// every sd_notify client speaks paths. Run in a child: the environment is per process.
     #[test]
-    fn private_dir_refuses_foreign_owner() {
-        if !crate::prereq::require(
-            crate::prereq::is_root(),
-            "needs root to create a directory owned by someone else",
-        ) {
-            return;
-        }
-        let t = tempfile::tempdir().unwrap();
-        let d = t.path().join("foreign");
-        std::fs::create_dir(&d).unwrap();
-        nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-        let e = private_dir(&d, None).unwrap_err();
-        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+    fn under_runtime_directory_a_path_in_a_private_directory() {
+        let rd = tempfile::tempdir().unwrap();
+        let out = run_child(
+            "worker_notify::tests::runtime_directory_child",
+            "RUNTIME_DIRECTORY",
+            format!("{}:/nonexistent", rd.path().display()),
+        );
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let want = rd.path().join("workers/notify.sock");
+        assert!(
+            stdout.contains(&format!("ADDRESS {}", want.display())),
+            "{stdout}"
+        );
+        assert!(stdout.contains("MODE 700"), "{stdout}");
+        // Dropped at the child's exit: the socket is gone, the directory (systemd's) stays.
+        assert!(!want.exists() && rd.path().join("workers").is_dir());
     }
 
+    /// Run only by `under_runtime_directory_a_path_in_a_private_directory`.
     #[test]
-    fn temp_runtime_dir_is_removed_on_drop() {
-        if !crate::prereq::require(
-            std::env::var_os("RUNTIME_DIRECTORY").is_none(),
-            "RUNTIME_DIRECTORY is set (the private directory would go there)",
-        ) {
+    #[ignore]
+    fn runtime_directory_child() {
+        use std::os::unix::fs::MetadataExt;
+        if std::env::var_os("RUNTIME_DIRECTORY").is_none() {
             return;
         }
-        let s = NotifyServer::bind_private(None).unwrap();
-        let dir = s.path().parent().unwrap().to_path_buf();
-        assert!(dir
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("sockvisor."));
-        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o700);
-        drop(s);
-        assert!(!dir.exists());
+        let s = NotifyServer::bind_for_workers(None).unwrap();
+        assert!(!s.is_abstract());
+        let dir = s.path().parent().unwrap();
+        println!("ADDRESS {}", s.path().display());
+        println!("MODE {:o}", std::fs::metadata(dir).unwrap().mode() & 0o7777);
+        let c = UnixDatagram::unbound().unwrap();
+        c.send_to(b"READY=1", s.path()).unwrap();
+        assert!(recv_one(&s).notification.ready);
     }
 }

@@ -25,9 +25,15 @@ fn who(body: &str) -> (String, i32) {
     (id, pid)
 }
 
+/// A `hello` fleet under the channel policies this file tests (`--dispatch round-robin`
+/// unless the arguments or the config choose; the default, `auto`, is kernel-steered:
+/// tests/reuseport.rs).
 fn hello_fleet(args: &[&str]) -> (Fleet, NotifySocket) {
     let mut notify = NotifySocket::new();
     let mut all: Vec<String> = vec!["--ready".into(), "notify".into()];
+    if !args.iter().any(|a| *a == "--dispatch" || *a == "-c") {
+        all.extend(["--dispatch".into(), "round-robin".into()]);
+    }
     all.extend(args.iter().map(|s| s.to_string()));
     all.push("--".into());
     all.push(hello_bin().display().to_string());
@@ -76,6 +82,8 @@ fn the_python_worker_from_the_protocol_doc_serves_under_round_robin() {
     let fleet = FleetBuilder::new([
         "--workers".to_string(),
         "2".into(),
+        "--dispatch".into(),
+        "round-robin".into(),
         "--listen".into(),
         "web=tcp://127.0.0.1:0".into(),
         "--".into(),
@@ -393,7 +401,7 @@ fn shared_round_robin_and_unix_listeners_side_by_side() {
     std::fs::write(
         &config,
         format!(
-            "workers = 2\n\
+            "workers = 2\ndispatch = \"round-robin\"\n\
              [[listen]]\nname = \"rr\"\nurl = \"tcp://127.0.0.1:0\"\n\
              [[listen]]\nname = \"shared\"\nurl = \"tcp://127.0.0.1:0\"\ndispatch = \"shared\"\n\
              [[listen]]\nname = \"local\"\nurl = \"unix:{}\"\n",

@@ -3,12 +3,16 @@
 //! * the control socket refuses a parent directory that is a symlink, or world-writable and
 //!   not a root-owned sticky directory, with a clear error (exit 78);
 //! * the workers' notify socket acts only on datagrams from its own live workers' pids;
+//!   outside systemd it is an abstract socket, so a SIGKILLed sockvisor leaves no file;
 //! * nothing of sockvisor's reaches a worker: fds, variables, its runtime directory (the
-//!   worker's cwd is sockvisor's own, never the notify directory);
+//!   worker's cwd is sockvisor's own);
 //! * as root: workers run as `nobody`, and a `nobody` process (what another fleet's worker
-//!   is) can neither use this fleet's control socket nor make its notify socket act.
+//!   is) can neither use this fleet's control socket nor make its notify socket act, even
+//!   with the socket's file mode opened: the server-side credential checks refuse it;
+//! * as root: `sockvisor status` refuses a control socket served by another user.
 //!
-//! Root-only tests print why they skip when not root.
+//! Root-only tests say why they skip when not root, and fail instead with
+//! `SOCKVISOR_REQUIRE_ALL=1`.
 
 mod common;
 use common::*;
@@ -21,6 +25,18 @@ const T: Duration = Duration::from_secs(20);
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// True when the test can run as root (tests/common/prereq.rs decides skip or fail).
+fn root_or_skip(_test: &str) -> bool {
+    require(is_root(), "needs root (setuid to nobody)")
+}
+
+/// `command` as uid/gid 65534 (nobody), with no supplementary group (std's `uid` drops
+/// them).
+fn as_nobody(command: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    command.uid(65534).gid(65534).current_dir("/")
 }
 
 /// A `hello` fleet whose control socket is at `control` (given on the command line).
@@ -145,11 +161,6 @@ fn wait_ready(control: &Path, n: usize, fleet: &Fleet) {
     }
 }
 
-/// One datagram to a unix datagram socket from this (root or not) process.
-fn send_datagram(path: &str, msg: &[u8]) -> std::io::Result<usize> {
-    std::os::unix::net::UnixDatagram::unbound()?.send_to(msg, path)
-}
-
 #[test]
 fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
     let probe_dir = tempfile::tempdir().unwrap();
@@ -160,7 +171,7 @@ fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
     wait_ready(&fleet.control, 2, &fleet);
 
     let cwd_real = std::fs::canonicalize(cwd.path()).unwrap();
-    let mut notify_path = String::new();
+    let mut notify_address = String::new();
     for r in &reports {
         // No fd beyond 0-2 and the one listener; no variable of sockvisor's.
         assert_eq!(r["open_fds"], serde_json::json!([0, 1, 2, 3]), "{r:#}");
@@ -173,23 +184,17 @@ fn notify_socket_acts_only_on_its_own_workers_and_nothing_leaks() {
             !env.contains_key("SOCKVISOR_CONTROL_SOCKET"),
             "SOCKVISOR_CONTROL_SOCKET leaked: {env:?}"
         );
-        // cwd: sockvisor's own (what systemd's WorkingDirectory= set), never its runtime dir.
-        notify_path = env["NOTIFY_SOCKET"].as_str().unwrap().to_string();
-        let notify_dir = Path::new(&notify_path).parent().unwrap();
+        // cwd: sockvisor's own (what systemd's WorkingDirectory= set).
         let worker_cwd = Path::new(r["cwd"].as_str().unwrap());
         assert_eq!(worker_cwd, cwd_real, "the worker's cwd is sockvisor's cwd");
-        assert!(
-            !worker_cwd.starts_with(notify_dir),
-            "the worker's cwd is not the notify directory"
-        );
+        // Outside systemd: an abstract socket named for this sockvisor, no file anywhere.
+        notify_address = env["NOTIFY_SOCKET"].as_str().unwrap().to_string();
+        let prefix = format!("@sockvisor/{}/", fleet.pid());
+        assert!(notify_address.starts_with(&prefix), "{notify_address}");
     }
-    // The notify directory is private (0700: sockvisor and workers of its own uid).
-    let notify_dir = Path::new(&notify_path).parent().unwrap();
-    let mode = std::fs::metadata(notify_dir).unwrap().permissions().mode() & 0o7777;
-    assert_eq!(mode, 0o700, "notify directory mode");
 
     // A process that is not a worker (this test) is heard but ignored.
-    send_datagram(&notify_path, b"STATUS=intruder\nSTOPPING=1\nREADY=1").unwrap();
+    send_notify(&notify_address, b"STATUS=intruder\nSTOPPING=1\nREADY=1").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !fleet.log().contains("ignored a notification from pid") {
         assert!(Instant::now() < deadline, "not ignored: {}", fleet.log());
@@ -252,7 +257,8 @@ except OSError as e:
     out["control"] = "error: " + (e.strerror or str(e))
 try:
     d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    d.sendto(b"STATUS=intruder\nSTOPPING=1\nREADY=1", sys.argv[2])
+    to = sys.argv[2]
+    d.sendto(b"STATUS=intruder\nSTOPPING=1\nREADY=1", "\0" + to[1:] if to.startswith("@") else to)
     out["notify"] = "sent"
 except OSError as e:
     out["notify"] = "error: " + (e.strerror or str(e))
@@ -277,18 +283,9 @@ print(json.dumps(out))
         control.starts_with("error: Permission denied") || control.contains("permission denied"),
         "the control socket refuses nobody: {control}"
     );
-    let notify = res["notify"].as_str().unwrap();
-    if notify == "sent" {
-        // The directory lets nobody's group in (B's workers are nobody): the pid check
-        // must drop it.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !fleet_b.log().contains("ignored a notification from pid") {
-            assert!(Instant::now() < deadline, "not ignored: {}", fleet_b.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    } else {
-        assert!(notify.contains("Permission denied"), "{notify}");
-    }
+    // The abstract socket has no file mode: the datagram arrives, and the pid check drops it.
+    assert_eq!(res["notify"], "sent", "{res}");
+    fleet_b.wait_log("ignored a notification from pid", Duration::from_secs(5));
     let s = status(&fleet_b.control);
     assert_eq!(s.generation, 1, "no reload happened: {s:#?}");
     for w in &s.workers {
@@ -297,4 +294,204 @@ print(json.dumps(out))
     }
     http_get(port_b).expect("fleet B still serving");
     http_get(port_a).expect("fleet A still serving");
+}
+
+/// The status of the fleet's workers, once `n` are ready.
+fn ready_worker_pids(fleet: &Fleet, n: usize) -> Vec<i32> {
+    wait_ready(&fleet.control, n, fleet);
+    status(&fleet.control)
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .collect()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Issue 12, item 8: sockvisor SIGKILLed (no chance to clean up) leaves nothing in the
+/// filesystem: outside systemd the workers' notify socket is abstract (it used to be a
+/// `$TMPDIR/sockvisor.XXXXXX` directory, one more left behind per SIGKILL).
+#[test]
+fn a_sigkilled_sockvisor_leaves_nothing_behind() {
+    let tmpdir = tempfile::tempdir().unwrap();
+    let mut fleet = FleetBuilder::new(hello_args(2))
+        .env("TMPDIR", tmpdir.path())
+        .env("RUNTIME_DIRECTORY", "") // not under systemd
+        .start();
+    let port = fleet.port("web");
+    let workers = ready_worker_pids(&fleet, 2);
+    http_get(port).expect("serving");
+    for &pid in &workers {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let notify = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"NOTIFY_SOCKET="))
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let prefix = format!("@sockvisor/{}/", fleet.pid());
+        assert!(
+            notify.as_deref().is_some_and(|n| n.starts_with(&prefix)),
+            "worker {pid}: NOTIFY_SOCKET={notify:?}"
+        );
+    }
+    assert_eq!(
+        entries(tmpdir.path()),
+        Vec::<String>::new(),
+        "while running"
+    );
+
+    fleet.signal(libc::SIGKILL);
+    assert!(fleet.wait(T).is_some(), "sockvisor survived SIGKILL");
+    for pid in workers {
+        assert!(wait_gone(pid, T), "worker {pid} outlived sockvisor");
+    }
+    assert_eq!(
+        entries(tmpdir.path()),
+        Vec::<String>::new(),
+        "after SIGKILL"
+    );
+}
+
+/// Issue 12, item 5: with the control socket's mode opened to everyone, the kernel lets a
+/// stranger connect, and sockvisor's own `SO_PEERCRED` check is what refuses it.
+#[test]
+fn an_opened_control_socket_still_refuses_a_stranger() {
+    if !root_or_skip("an_opened_control_socket_still_refuses_a_stranger") {
+        return;
+    }
+    let fleet = FleetBuilder::new(hello_args(1)).start();
+    let port = fleet.port("web");
+    wait_ready(&fleet.control, 1, &fleet);
+    let chmod = |p: &Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    chmod(fleet.control.parent().unwrap(), 0o711);
+    chmod(&fleet.control, 0o666);
+    for cmd in ["status", "reload"] {
+        let out = as_nobody(&mut std::process::Command::new(sockvisor_bin()))
+            .args([cmd, "--control"])
+            .arg(&fleet.control)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        // The server's words, not the client's EACCES ("permission denied on PATH").
+        assert!(
+            stderr.contains(
+                "permission denied: uid 65534 may not control this sockvisor (only root and uid 0)"
+            ),
+            "{cmd}: {stderr}"
+        );
+    }
+    fleet.wait_log("control socket: refused pid", T);
+    assert_eq!(status(&fleet.control).generation, 1, "no reload happened");
+    http_get(port).expect("still serving");
+}
+
+/// Issue 12, item 5: a stranger can reach the workers' notify socket (abstract: no file
+/// mode at all; under `RuntimeDirectory=`: with the mode opened for the test), and its
+/// `READY=1` is dropped by the pid check.
+#[test]
+fn a_strangers_ready_is_dropped_by_the_pid_check() {
+    if !root_or_skip("a_strangers_ready_is_dropped_by_the_pid_check") {
+        return;
+    }
+    for under_systemd in [false, true] {
+        let probe_dir = tempfile::tempdir().unwrap();
+        let rd = tempfile::tempdir().unwrap();
+        let mut builder = FleetBuilder::new([
+            "--workers".to_string(),
+            "1".into(),
+            "--listen".into(),
+            "web=tcp://127.0.0.1:0".into(),
+            "--ready".into(),
+            "notify".into(),
+            "--".into(),
+            python().into(),
+            probe_script().display().to_string(),
+        ])
+        .env("PROBE_DIR", probe_dir.path())
+        .env("PROBE_NO_READY", "1");
+        builder = match under_systemd {
+            true => builder.env("RUNTIME_DIRECTORY", rd.path()),
+            false => builder.env("RUNTIME_DIRECTORY", ""),
+        };
+        let fleet = builder.start();
+        let report = wait_probe_reports(probe_dir.path(), 1, &fleet).remove(0);
+        let address = report["env"]["NOTIFY_SOCKET"].as_str().unwrap().to_string();
+        if under_systemd {
+            let socket = rd.path().join("workers/notify.sock");
+            assert_eq!(Path::new(&address), socket);
+            for (p, mode) in [
+                (rd.path(), 0o711),
+                (socket.parent().unwrap(), 0o711),
+                (&*socket, 0o666),
+            ] {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+        } else {
+            assert!(address.starts_with("@sockvisor/"), "{address}");
+        }
+        let script = "import socket,sys\n\
+            to=sys.argv[1]\n\
+            s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+            s.sendto(b'READY=1\\nSTATUS=forged\\n','\\0'+to[1:] if to.startswith('@') else to)\n\
+            print('sent')\n";
+        let out = as_nobody(&mut std::process::Command::new(python()))
+            .args(["-c", script, &address])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "sent",
+            "{address}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fleet.wait_log("ignored a notification from pid", T);
+        let s = status(&fleet.control);
+        assert_eq!(s.state, "starting", "{address}: {s:#?}");
+        assert_eq!(s.workers[0].state, "starting", "{s:#?}");
+        assert_eq!(s.workers[0].status, None, "{s:#?}");
+    }
+}
+
+/// Issue 14, item 17: `sockvisor status` checks who answers on the control socket. A
+/// socket served by another user (who took the path first) is refused before anything is
+/// sent to it or believed from it.
+#[test]
+fn the_client_refuses_a_control_socket_served_by_another_user() {
+    if !root_or_skip("the_client_refuses_a_control_socket_served_by_another_user") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(t.path(), Some(65534), Some(65534)).unwrap();
+    let socket = t.path().join("control.sock");
+    let log = t.path().join("requests.log");
+    let fake = r#"{"ok":true,"message":"all is fine, trust me"}"#;
+    let mut python_as_nobody = std::process::Command::new(python());
+    as_nobody(&mut python_as_nobody);
+    let server = fake_control_server(python_as_nobody, &socket, fake, Some(&log));
+    for cmd in ["status", "reload"] {
+        let out = std::process::Command::new(sockvisor_bin())
+            .args([cmd, "--control"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("refusing to talk to") && stderr.contains("running as uid 65534"),
+            "{cmd}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{cmd} believed it");
+    }
+    drop(server);
+    assert!(
+        std::fs::read(&log).unwrap_or_default().is_empty(),
+        "a request reached the stranger's socket"
+    );
 }

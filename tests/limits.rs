@@ -50,9 +50,12 @@ fn set_nofile(pid: i32, n: u64) {
 
 #[test]
 fn emfile_on_accept_pauses_instead_of_spinning() {
+    // sockvisor accepts (and so meets EMFILE) under a channel policy.
     let fleet = FleetBuilder::new([
         "--workers".to_string(),
         "1".into(),
+        "--dispatch".into(),
+        "round-robin".into(),
         "--listen".into(),
         "web=tcp://127.0.0.1:0".into(),
         "--".into(),
@@ -222,6 +225,7 @@ fn enobufs_enomem_enfile_on_accept_pause_the_listener_not_the_fleet() {
         .map(|l| l.local_addr().unwrap().port())
         .collect();
     let mut args = vec!["--workers".to_string(), "1".into()];
+    args.extend(["--dispatch".to_string(), "round-robin".into()]);
     for n in names {
         args.extend(["--listen".to_string(), n.to_string()]);
     }

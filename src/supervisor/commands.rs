@@ -2,12 +2,12 @@
 
 use super::reload::Waiter;
 use super::Supervisor;
-use crate::control::{ClientId, Reply, Request};
+use crate::control::{Reply, Request, RequestId};
 use std::time::Instant;
 
 impl Supervisor {
-    /// The control socket is readable: answer what can be answered now. A reload is
-    /// answered when it ends.
+    /// The control socket is readable: answer what can be answered now (the server hands
+    /// out a few requests per client per wake-up). A reload is answered when it ends.
     pub(super) fn serve_control(&mut self) {
         let Some(control) = self.control.as_mut() else {
             return;
@@ -15,14 +15,17 @@ impl Supervisor {
         let requests = control.poll();
         let now = Instant::now();
         for (id, request) in requests {
+            // Its client went away (or was dropped for not reading): build nothing for it.
+            if !self.control.as_ref().is_some_and(|c| c.wants_reply(id)) {
+                continue;
+            }
             let reply = match request {
-                Err(e) => Some(Reply::error(e)),
-                Ok(Request::Status) => Some(Reply::with_status(self.fleet_status(now))),
-                Ok(Request::Scale { workers }) => Some(match self.scale(workers, now) {
+                Request::Status => Some(Reply::with_status(self.fleet_status(now))),
+                Request::Scale { workers } => Some(match self.scale(workers, now) {
                     Ok(m) => Reply::ok(Some(m)),
                     Err(e) => Reply::error(e),
                 }),
-                Ok(Request::Reload) => match self.reload(now, Some(id.0)) {
+                Request::Reload => match self.reload(now, Some(id.0)) {
                     Ok(()) => None,
                     Err(e) => Some(Reply::error(format!("reload refused: {e}"))),
                 },
@@ -44,7 +47,7 @@ impl Supervisor {
             Err(e) => Reply::error(e),
         };
         for &w in waiters {
-            control.reply(ClientId(w), &reply);
+            control.reply(RequestId(w), &reply);
         }
     }
 }

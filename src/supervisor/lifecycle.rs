@@ -79,7 +79,10 @@ impl Supervisor {
         let names = self.dispatch.fd_names();
         let mut env = vec![
             ("SOCKVISOR_WORKER_ID", slot.to_string()),
-            ("NOTIFY_SOCKET", self.notify.path().display().to_string()),
+            (
+                "NOTIFY_SOCKET",
+                self.notify.address().to_string_lossy().into_owned(),
+            ),
         ];
         if let Some(w) = self.config.worker_watchdog {
             env.push(("WATCHDOG_USEC", w.as_micros().to_string()));

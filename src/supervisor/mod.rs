@@ -156,7 +156,7 @@ impl Supervisor {
         spawn::raise_fd_limit();
         orphans::become_subreaper();
         let worker_gid = command.credentials().map(|c| c.gid);
-        let notify = NotifyServer::bind_private(worker_gid)
+        let notify = NotifyServer::bind_for_workers(worker_gid)
             .map_err(|e| internal("cannot bind the workers' notify socket", e))?;
         let control = match &config.control_socket {
             None => None,

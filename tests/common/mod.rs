@@ -52,6 +52,19 @@ pub fn hello_bin() -> PathBuf {
     example_bin("hello")
 }
 
+/// `--workers N --listen tcp://127.0.0.1:PORT -- hello`.
+/// `hello` workers on one listener `web` on a port the kernel picks (`Fleet::port("web")`).
+pub fn hello_args(workers: usize) -> Vec<String> {
+    vec![
+        "--workers".to_string(),
+        workers.to_string(),
+        "--listen".into(),
+        "web=tcp://127.0.0.1:0".into(),
+        "--".into(),
+        hello_bin().display().to_string(),
+    ]
+}
+
 pub fn python() -> &'static str {
     if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
@@ -854,4 +867,57 @@ pub fn wait_probe_reports(dir: &Path, n: usize, fleet: &Fleet) -> Vec<serde_json
         let r = probe_reports(dir);
         (r.len() >= n).then_some(r)
     })
+}
+
+/// Send one datagram to a `NOTIFY_SOCKET` value: a path, or `@name` for an abstract socket
+/// (what sockvisor gives its workers outside systemd).
+pub fn send_notify(address: &str, msg: &[u8]) -> std::io::Result<usize> {
+    use std::os::linux::net::SocketAddrExt;
+    let sock = UnixDatagram::unbound()?;
+    match address.strip_prefix('@') {
+        Some(name) => sock.send_to_addr(
+            msg,
+            &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?,
+        ),
+        None => sock.send_to(msg, address),
+    }
+}
+
+/// A helper process killed (by pid) and reaped when the test ends, pass or fail.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `tests/workers/fake_control_server.py SOCKET REPLY [LOG]` with `command` (python,
+/// maybe set up to run as another user) and wait until it listens.
+pub fn fake_control_server(
+    mut command: Command,
+    socket: &Path,
+    reply: &str,
+    log: Option<&Path>,
+) -> KillOnDrop {
+    use std::io::BufRead;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/fake_control_server.py");
+    command.arg(script).arg(socket).arg(reply);
+    if let Some(log) = log {
+        command.arg(log);
+    }
+    let mut server = KillOnDrop(
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the fake control server"),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(server.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "listening", "fake control server");
+    server
 }

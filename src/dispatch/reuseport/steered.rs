@@ -13,11 +13,12 @@
 //!   migrates its queue through the program) as soon as someone is ready, and whenever it
 //!   is readable while someone is.
 //! - sockvisor keeps its own copy of every worker listener. When a worker leaves (told to
-//!   stop, wedged, `STOPPING=1`) its listener leaves the schedule and is requeued at once:
-//!   what was queued on it goes to the ready workers. When the worker is gone sockvisor's copy
-//!   is the last reference: it is requeued once more and closed, and the close migrates what
-//!   is left, half-open handshakes included. A dead worker's queue is never left with nobody
-//!   to accept it.
+//!   stop, `STOPPING=1`) its listener leaves the schedule; what is queued on it stays for it
+//!   to drain (requeueing a listener a live program accepts on fails its `accept()`). A
+//!   wedged worker's listener is requeued at once: its queue goes to the ready workers. When
+//!   a worker is gone sockvisor's copy is the last reference: closing it migrates what is
+//!   left, half-open handshakes included. A dead worker's queue is never left with nobody to
+//!   accept it.
 //! - At stop the schedule empties: new connections wait on the anchor (under systemd, for the
 //!   next start); a draining worker keeps what is queued on its own listener.
 //! - The program stays attached when sockvisor exits or dies: it holds its maps, and the
@@ -398,6 +399,10 @@ impl ListenerDispatch for Steered {
         }
     }
 
+    /// Out of the schedule. What is already queued on its listener stays for it: a program
+    /// that drains on SIGTERM (or after its `STOPPING=1`) accepts it, and requeueing a
+    /// listener a live program accepts on would fail its `accept()` with `EINVAL`. What it
+    /// leaves moves when it is gone (or at once if it is wedged: `check_wedged`).
     fn worker_leaving(&mut self, pid: Pid) -> usize {
         let Some(m) = self.members.get_mut(&pid) else {
             return 0;
@@ -408,24 +413,19 @@ impl ListenerDispatch for Steered {
         m.leaving = true;
         m.ready = false;
         self.reschedule(None);
-        // At stop a draining worker keeps what is queued on its own listener.
-        if self.stopped {
-            return 0;
-        }
-        self.requeue_member(pid) as usize
+        0
     }
 
     fn worker_gone(&mut self, pid: Pid, _poller: &Poller) -> usize {
-        let moved = if self.stopped {
-            0
-        } else {
-            self.requeue_member(pid)
-        };
         let Some(m) = self.members.remove(&pid) else {
             return 0;
         };
         self.reschedule(None);
-        // The last reference: closing migrates what arrived since, half-open ones included.
+        // sockvisor's copy is the last reference: closing it migrates what is queued on it,
+        // and the half-open handshakes when they complete, to the ready workers (or to the
+        // anchor when nobody is ready; at stop, to the anchor for the next start).
+        let moved = self.queued_on(m.listener.as_fd());
+        self.taken_back += moved;
         drop(m.listener);
         self.free_keys.push(m.key);
         moved as usize
@@ -484,6 +484,11 @@ impl ListenerDispatch for Steered {
                 m.received_at_check = received;
                 m.progress_at = now;
             } else if now.saturating_duration_since(m.progress_at) >= wedged_after {
+                // Out of the schedule, and its queue to the others now: it is not accepting.
+                m.ready = false;
+                m.leaving = true;
+                self.reschedule(None);
+                self.requeue_member(pid);
                 troubles.push(Trouble {
                     pid,
                     reason: format!(

@@ -1,0 +1,147 @@
+//! What travels on the control socket: one JSON object per line each way (docs/control.md).
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line (bytes, without the newline). A longer one is answered with one
+/// error and skipped up to its newline.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Reload,
+    Scale { workers: usize },
+}
+
+/// One worker in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: usize,
+    pub pid: i32,
+    pub generation: u64,
+    /// starting | ready | draining | stopping
+    pub state: String,
+    pub uptime_secs: f64,
+    pub restarts: u64,
+    pub dispatched: u64,
+    pub queued: u64,
+    /// Open connections, when the worker reports closes.
+    pub open: Option<u64>,
+    /// The worker's last `STATUS=`.
+    pub status: Option<String>,
+}
+
+/// `status` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub pid: i32,
+    pub generation: u64,
+    /// starting | running | reloading | stopping
+    pub state: String,
+    pub workers_wanted: usize,
+    pub summary: String,
+    pub workers: Vec<WorkerStatus>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub address: String,
+    pub policy: String,
+    /// Why the policy is not the one asked for (`auto` that fell back to `shared`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub policy_note: Option<String>,
+    /// Connections sockvisor accepted; `None` where the workers accept (shared, reuseport).
+    pub accepted: Option<u64>,
+    pub pending: u64,
+}
+
+/// Every reply: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<FleetStatus>,
+}
+
+impl Reply {
+    /// `{"ok":true}` with an optional message.
+    pub fn ok(message: Option<String>) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            message,
+            status: None,
+        }
+    }
+
+    /// `{"ok":false,"error":...}`
+    pub fn error(error: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(error.into()),
+            message: None,
+            status: None,
+        }
+    }
+
+    /// `{"ok":true,"status":{...}}`
+    pub fn with_status(status: FleetStatus) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            message: None,
+            status: Some(status),
+        }
+    }
+
+    /// The reply as one line, newline included. Never fails (an encoding error, which these
+    /// types cannot produce, becomes an error reply).
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|e| {
+            log::warn!("cannot encode a control reply: {e}");
+            br#"{"ok":false,"error":"internal error: cannot encode the reply"}"#.to_vec()
+        });
+        line.push(b'\n');
+        line
+    }
+}
+
+/// One request line (without its newline), or the error message to send back.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice::<Request>(line).map_err(|e| {
+        format!(
+            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} or {{"cmd":"scale","workers":N}}"#
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shapes() {
+        assert_eq!(
+            serde_json::to_string(&Request::Scale { workers: 4 }).unwrap(),
+            r#"{"cmd":"scale","workers":4}"#
+        );
+        assert_eq!(
+            Reply::error("x").to_line(),
+            b"{\"ok\":false,\"error\":\"x\"}\n"
+        );
+        assert_eq!(Reply::ok(None).to_line(), b"{\"ok\":true}\n");
+        assert_eq!(parse_request(br#"{"cmd":"reload"}"#), Ok(Request::Reload));
+        let e = parse_request(b"status").unwrap_err();
+        assert!(
+            e.starts_with("bad request") && e.contains(r#"{"cmd":"status"}"#),
+            "{e}"
+        );
+    }
+}
