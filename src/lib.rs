@@ -44,7 +44,7 @@ pub mod spawn;
 pub mod supervisor;
 pub mod upstream;
 pub mod worker;
-pub mod worker_notify;
+pub mod notify_server;
 
 /// The rule for unit tests that need root or a program: skip with a `SKIP:` line, or fail
 /// with `SOCKVISOR_REQUIRE_ALL=1` (the integration tests' helper, tests/common/prereq.rs).

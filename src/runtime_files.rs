@@ -1,7 +1,7 @@
 //! Runtime files: the unix sockets sockvisor binds on a path and the directories that hold
 //! them. Three users: the control socket (`control`), unix listeners sockvisor binds itself
 //! (`activation`), and the workers' notify socket when it lives in `$RUNTIME_DIRECTORY`
-//! (`worker_notify`). They all follow one policy, written here once.
+//! (`notify_server`). They all follow one policy, written here once.
 //!
 //! # The policy
 //!
@@ -30,7 +30,7 @@
 //! 5. **Nothing is left behind by a crash**: a file sockvisor cannot remove after a SIGKILL
 //!    must be one the next start reclaims (a fixed path, rule 3) or one systemd removes
 //!    (`$RUNTIME_DIRECTORY`). That is why the workers' notify socket outside systemd is an
-//!    abstract socket (`@sockvisor/...`, see `worker_notify`), which vanishes with its
+//!    abstract socket (`@sockvisor/...`, see `notify_server`), which vanishes with its
 //!    process, rather than a file in a fresh temporary directory.
 
 use nix::errno::Errno;

@@ -285,7 +285,7 @@ mod tests {
     fn parsed_by_our_own_worker_parser() {
         let (_d, rx, up) = pair();
         up.ready("ok");
-        let n = crate::worker_notify::parse(recv(&rx).as_bytes());
+        let n = crate::notify_server::parse(recv(&rx).as_bytes());
         assert!(n.ready);
         assert_eq!(n.status.as_deref(), Some("ok"));
     }

@@ -6,7 +6,7 @@ use super::{Phase, Supervisor};
 use crate::config::ReadyMode;
 use crate::logging::Throttle;
 use crate::upstream::Upstream;
-use crate::worker_notify::Notification;
+use crate::notify_server::Notification;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};

@@ -28,7 +28,7 @@ use crate::dispatch::{Dispatcher, Settings};
 use crate::poller::{self, Poller, Token};
 use crate::spawn;
 use crate::upstream::Upstream;
-use crate::worker_notify::NotifyServer;
+use crate::notify_server::NotifyServer;
 use fleet::{Slot, Worker};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};

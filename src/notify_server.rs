@@ -632,7 +632,7 @@ mod tests {
         // The crate reads NOTIFY_SOCKET from the environment: set it only in a child process
         // (this test binary re-executed), never in this multi-threaded one.
         let out = run_child(
-            "worker_notify::tests::sd_notify_child",
+            "notify_server::tests::sd_notify_child",
             "NOTIFY_SOCKET",
             s.path(),
         );
@@ -652,7 +652,7 @@ mod tests {
     fn libsystemd_crate_client_works_with_an_abstract_socket() {
         let s = NotifyServer::bind_abstract().unwrap();
         let out = run_child(
-            "worker_notify::tests::libsystemd_child",
+            "notify_server::tests::libsystemd_child",
             "NOTIFY_SOCKET",
             s.address(),
         );
@@ -756,7 +756,7 @@ mod tests {
     fn under_runtime_directory_a_path_in_a_private_directory() {
         let rd = tempfile::tempdir().unwrap();
         let out = run_child(
-            "worker_notify::tests::runtime_directory_child",
+            "notify_server::tests::runtime_directory_child",
             "RUNTIME_DIRECTORY",
             format!("{}:/nonexistent", rd.path().display()),
         );

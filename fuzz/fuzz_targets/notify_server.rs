@@ -1,9 +1,9 @@
-//! `worker_notify::parse`: every datagram a worker (any process that can reach the notify
+//! `notify_server::parse`: every datagram a worker (any process that can reach the notify
 //! socket) sends. Never panics; STATUS= stays within MAX_STATUS_LEN and free of control
 //! characters; flags are set only by their exact systemd spelling.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sockvisor::worker_notify::{parse, MAX_STATUS_LEN};
+use sockvisor::notify_server::{parse, MAX_STATUS_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let n = parse(data);
