@@ -37,6 +37,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod logging;
+pub mod notify_server;
 pub mod poller;
 pub mod protocol;
 pub mod runtime_files;
@@ -44,7 +45,6 @@ pub mod spawn;
 pub mod supervisor;
 pub mod upstream;
 pub mod worker;
-pub mod notify_server;
 
 /// The rule for unit tests that need root or a program: skip with a `SKIP:` line, or fail
 /// with `SOCKVISOR_REQUIRE_ALL=1` (the integration tests' helper, tests/common/prereq.rs).

@@ -25,6 +25,8 @@ pub(crate) enum Kind {
     Policy,
     /// `exec` or `notify`.
     Ready,
+    /// One of these words.
+    Choice(&'static [&'static str]),
     /// Exit codes 0-255: a TOML array of integers, or a comma-separated list.
     ExitCodes,
     /// A program and its arguments: a TOML array of strings, or a string split on whitespace.
@@ -148,6 +150,18 @@ pub(crate) const KEYS: &[Key] = &[
         default: Default::Value("exec"),
         help: "exec: ready once started | notify: ready at the worker's READY=1 on NOTIFY_SOCKET",
         doc: "a worker is ready at `exec`, or at its `READY=1` (`notify`)",
+        ..BASE
+    },
+    Key {
+        name: "notify_access",
+        env: "SOCKVISOR_NOTIFY_ACCESS",
+        flag: Some("--notify-access"),
+        arg: "WHO",
+        kind: Kind::Choice(&["main", "all"]),
+        default: Default::Value("main"),
+        help: "main: a worker's notifications count from its own pid only | all: also from \
+               its descendants (systemd's NotifyAccess=)",
+        doc: "whose notifications count for a worker: `main` (the worker's own pid) or `all` (also any process descended from it, as systemd's `NotifyAccess=all`; see docs/health.md)",
         ..BASE
     },
     Key {

@@ -68,6 +68,14 @@ pub enum Invocation {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyAccess {
+    /// The worker's own pid only (systemd's `NotifyAccess=main`).
+    Main,
+    /// Also any process descended from the worker (`NotifyAccess=all`).
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadyMode {
     /// A worker is ready as soon as it has been exec'd.
     Exec,
@@ -176,6 +184,8 @@ pub struct Config {
     /// is configured.
     pub dispatch: DispatchPolicy,
     pub ready: ReadyMode,
+    /// Whose notifications count for a worker.
+    pub notify_access: NotifyAccess,
     pub ready_timeout: Duration,
     pub stop_timeout: Duration,
     pub backoff: Backoff,

@@ -180,6 +180,10 @@ pub(crate) fn resolve(
         listeners,
         dispatch,
         ready: value(&mut layer, "ready"),
+        notify_access: match value::<String>(&mut layer, "notify_access").as_str() {
+            "all" => super::NotifyAccess::All,
+            _ => super::NotifyAccess::Main,
+        },
         ready_timeout: value(&mut layer, "ready_timeout"),
         stop_timeout: value(&mut layer, "stop_timeout"),
         backoff: Backoff {

@@ -687,6 +687,7 @@ fn every_key_set_resolves() {
         Kind::Path => "/run/x",
         Kind::Policy => "shared",
         Kind::Ready => "notify",
+        Kind::Choice(words) => words[words.len() - 1],
         Kind::ExitCodes => "2",
         Kind::Command => "app",
         Kind::Listen => "tcp://127.0.0.1:0",

@@ -89,6 +89,15 @@ pub(crate) fn parse(kind: Kind, s: &str, at: &Origin) -> Result<Value, VErr> {
         Kind::Path => Value::Path(parse_nonempty(s).map(PathBuf::from)?),
         Kind::Policy => Value::Policy(parse_policy(s)?),
         Kind::Ready => Value::Ready(parse_ready(s)?),
+        Kind::Choice(words) => match words.iter().find(|w| **w == s.trim()) {
+            Some(w) => Value::Text(w.to_string()),
+            None => {
+                return Err((
+                    format!("unknown value {}", got(s)),
+                    format!("use {}", words.join(" or ")),
+                ))
+            }
+        },
         Kind::ExitCodes => Value::ExitCodes(
             s.split(',')
                 .map(str::trim)

@@ -3,13 +3,25 @@
 
 use super::fleet::{Departure, WorkerState};
 use super::{Phase, Supervisor};
-use crate::config::ReadyMode;
+use crate::config::{NotifyAccess, ReadyMode};
 use crate::logging::Throttle;
-use crate::upstream::Upstream;
 use crate::notify_server::Notification;
+use crate::upstream::Upstream;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
+
+/// How far up the process tree a sender is traced to its worker (`notify_access = "all"`).
+const MAX_ANCESTRY: usize = 64;
+
+/// The parent of `pid` (`/proc/PID/stat`, field 4), also for a zombie.
+fn parent_of(pid: Pid) -> Option<Pid> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything: split after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let ppid: i32 = rest.split(' ').nth(1)?.parse().ok()?;
+    Some(Pid::from_raw(ppid))
+}
 
 /// Messages from processes that are not live workers are logged at most this often.
 const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -63,15 +75,38 @@ impl Supervisor {
                     break;
                 }
             };
-            let live = received
-                .pid
-                .map(Pid::from_raw)
-                .filter(|pid| self.workers.contains_key(pid));
+            let live = received.pid.map(Pid::from_raw).and_then(|pid| {
+                if self.workers.contains_key(&pid) {
+                    Some(pid)
+                } else if self.config.notify_access == NotifyAccess::All {
+                    self.worker_ancestor(pid)
+                } else {
+                    None
+                }
+            });
             match live {
                 Some(pid) => self.apply_notification(pid, received.notification, now),
                 None => self.drop_notification(received.pid, now),
             }
         }
+    }
+
+    /// The worker `pid` descends from (`notify_access = "all"`), by the kernel's view of the
+    /// process tree: the parent chain in /proc. A sender that already exited and was reaped
+    /// has no chain left and is not attributed (systemd has the same limit).
+    fn worker_ancestor(&self, pid: Pid) -> Option<Pid> {
+        let me = Pid::this();
+        let mut p = pid;
+        for _ in 0..MAX_ANCESTRY {
+            p = parent_of(p)?;
+            if self.workers.contains_key(&p) {
+                return Some(p);
+            }
+            if p == me || p.as_raw() <= 1 {
+                return None;
+            }
+        }
+        None
     }
 
     fn drop_notification(&mut self, pid: Option<i32>, now: Instant) {
