@@ -1,4 +1,4 @@
-//! Reload in generations (DESIGN.md section 6): re-read the config, start the new
+//! Reload in generations (docs/design.md): re-read the config, start the new
 //! generation a few workers at a time (`reload_surge`), drain each old worker only once its
 //! replacement is ready, and roll back if the new generation does not get ready.
 //!
