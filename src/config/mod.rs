@@ -33,7 +33,7 @@ use std::time::Duration;
 /// file with the same arguments and the environment as it was at start.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
-    /// Command-line arguments without argv[0].
+    /// Command-line arguments without `argv[0]`.
     pub args: Vec<OsString>,
     /// The process environment at start (only `SOCKVISOR_*` keys matter).
     pub env: Vec<(String, String)>,

@@ -20,7 +20,7 @@ pub(crate) const RESERVED_FDS: u64 = 256;
 
 /// The most workers a fleet with `dispatched_listeners` listeners sockvisor accepts on may
 /// run under this process's fd limit: min([`WORKERS_CEILING`], what the hard
-/// `RLIMIT_NOFILE` (sockvisor raises its soft limit to it) leaves after [`RESERVED_FDS`]).
+/// `RLIMIT_NOFILE` (sockvisor raises its soft limit to it) leaves after `RESERVED_FDS` (256)).
 /// A worker costs sockvisor both ends of one channel per dispatched listener, and a reload
 /// may briefly hold two generations. Used for `workers`, `SOCKVISOR_WORKERS`, `--workers`,
 /// and by the supervisor for `scale` and SIGTTIN.

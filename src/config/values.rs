@@ -360,7 +360,7 @@ pub(crate) fn all_addresses() -> IpAddr {
 }
 
 /// Parse a `[NAME=]URL` listener spec: `tcp://HOST:PORT`, `udp://HOST:PORT`, `unix:PATH`
-/// (`unix:///run/x.sock` is accepted too), or `PORT`/`:PORT` (TCP on [`all_addresses`]).
+/// (`unix:///run/x.sock` is accepted too), or `PORT`/`:PORT` (TCP on all addresses: `[::]`, or `0.0.0.0` without IPv6).
 /// HOST is an IPv4 address, `[IPv6]`, `localhost`, or empty/`*` for all IPv4 interfaces.
 /// Port 0 is allowed (the kernel picks one). A unix path must be absolute and fit in
 /// `sun_path` (107 bytes).

@@ -1,9 +1,9 @@
 //! The supervisor: one event loop (epoll + signalfd + timerfd) that owns the fleet.
 //!
-//! This file is the loop, top to bottom: [`Supervisor::run`] waits, turns every event into
-//! state changes ([`Supervisor::handle_event`]; signals are only queued), then
-//! [`Supervisor::manage`] acts once per wake-up on what is due, and the timer is armed for
-//! the next deadline ([`Supervisor::next_deadline`]). The other files hold verbs:
+//! This file is the loop, top to bottom: `Supervisor::run` waits, turns every event into
+//! state changes (`Supervisor::handle_event`; signals are only queued), then
+//! `Supervisor::manage` acts once per wake-up on what is due, and the timer is armed for
+//! the next deadline (`Supervisor::next_deadline`). The other files hold verbs:
 //! - `lifecycle`: fork, reap, stop and restart workers; scale; the fleet's stop and give-up;
 //! - `reload`: reload in generations, rollback;
 //! - `health`: workers' notifications, readiness, worker watchdogs, the upstream watchdog;
