@@ -361,7 +361,8 @@ fn set_accept_mode(
     })
 }
 
-fn somaxconn() -> i32 {
+/// The backlog sockvisor gives every listening socket it creates: max(4096, somaxconn).
+pub(crate) fn somaxconn() -> i32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())

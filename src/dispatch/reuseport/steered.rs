@@ -89,14 +89,6 @@ pub struct Steered {
     taken_back: u64,
 }
 
-fn backlog() -> i32 {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .unwrap_or(4096)
-        .max(4096)
-}
-
 impl Steered {
     /// Set up the group around `listener`, or say why it cannot run (the caller falls back to
     /// `shared` and gets the listener back).
@@ -112,7 +104,7 @@ impl Steered {
                     listener,
                     group,
                     datagram,
-                    backlog: backlog(),
+                    backlog: crate::activation::somaxconn(),
                     members: BTreeMap::new(),
                     spare: None,
                     free_keys: Vec::new(),
@@ -139,7 +131,7 @@ impl Steered {
             SocketKind::Udp => true,
             _ => return Err("unix sockets have no SO_REUSEPORT groups".into()),
         };
-        let backlog = backlog();
+        let backlog = crate::activation::somaxconn();
         if datagram {
             // A UDP socket joins a group only if it had SO_REUSEPORT when it was bound.
             if !getsockopt(&anchor, sockopt::ReusePort).unwrap_or(false) {
