@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The API docs build without a broken or private link.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # The integration tests run the example workers (target/debug/examples/hello, ...): build them
 # as programs first (--all-targets alone builds examples only as test harnesses).
 cargo build --bins --examples
