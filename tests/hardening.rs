@@ -673,3 +673,63 @@ fn scaling_past_the_maximum_is_refused() {
     assert_eq!(s["workers_wanted"], 2);
     assert_eq!(ready_workers(&s).len(), 2);
 }
+
+/// Item 15: `ETOOMANYREFS` (more fds in flight than the fd limit allows a user without
+/// CAP_SYS_RESOURCE) on every send, retried every 2 ms while connections are pending, is
+/// logged at most once per 10 s, not once per connection per worker per retry.
+#[test]
+fn transient_send_failures_are_logged_now_and_then() {
+    if !require(
+        have_program("setpriv"),
+        "setpriv not installed (util-linux)",
+    ) {
+        return;
+    }
+    let sockvisor = sockvisor_bin().display().to_string();
+    // No capability (root's CAP_SYS_ADMIN/CAP_SYS_RESOURCE would lift the in-flight limit),
+    // 600 fds, 4 workers that never read their channels: the 601st fd in flight fails.
+    let fleet = FleetBuilder::program(
+        "setpriv",
+        [
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            "sh",
+            "-c",
+            "ulimit -n 600 && exec \"$0\" \"$@\"",
+            &sockvisor,
+            "-w",
+            "4",
+            "--dispatch",
+            "round-robin",
+            "--window",
+            "1000",
+            "-l",
+            "web=tcp://127.0.0.1:0",
+            "--",
+            "sh",
+            "-c",
+            "exec sleep 600",
+        ],
+    )
+    .start();
+    let port = fleet.port("web");
+    let clients: Vec<TcpStream> = (0..900)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    fleet.wait_log("ETOOMANYREFS", T);
+    // Pending connections are retried every 2 ms: give it a few hundred retries.
+    let s = wait_status(&fleet, "connections pending", |s| {
+        s["listeners"][0]["pending"].as_u64().unwrap() >= 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let log = fleet.log();
+    let lines = log.matches("send failed").count();
+    println!(
+        "ETOOMANYREFS: {lines} log line(s) in 2 s with {} pending",
+        s["listeners"][0]["pending"]
+    );
+    assert_eq!(lines, 1, "{log}");
+    drop(clients);
+}
