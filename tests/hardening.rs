@@ -730,6 +730,6 @@ fn transient_send_failures_are_logged_now_and_then() {
         "ETOOMANYREFS: {lines} log line(s) in 2 s with {} pending",
         s["listeners"][0]["pending"]
     );
-    assert_eq!(lines, 1, "{log}");
+    assert_eq!(lines, 1, "{lines} send-failure lines in 2 s");
     drop(clients);
 }
