@@ -601,6 +601,15 @@ fn status_lists_workers_by_slot() {
     assert_eq!(slots, [0, 1, 2]);
     let pids: BTreeSet<i32> = ready_workers(&s).iter().map(|&(_, p)| p).collect();
     assert_eq!(pids.len(), 3);
+    // The workers accept on a shared listener: sockvisor counts nothing, and says so.
+    assert_eq!(s["listeners"][0]["accepted"], serde_json::Value::Null);
+    let table = String::from_utf8(fleet.ctl(&["status"]).stdout).unwrap();
+    let row = table.lines().find(|l| l.starts_with("web ")).unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>()[2..4],
+        ["shared", "-"],
+        "{table}"
+    );
 }
 
 /// Item 21: one format for every error line, without repeated phrases.
