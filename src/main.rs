@@ -37,7 +37,9 @@ fn main() -> ExitCode {
         Ok(Invocation::Status { control, json }) => {
             client(&control, control::Request::Status, json)
         }
-        Ok(Invocation::Reload { control }) => client(&control, control::Request::Reload, false),
+        Ok(Invocation::Reload { control, canary }) => {
+            client(&control, control::Request::Reload { canary }, false)
+        }
         Ok(Invocation::Scale { control, workers }) => {
             client(&control, control::Request::Scale { workers }, false)
         }

@@ -28,6 +28,8 @@ pub enum Token {
         listener: usize,
         pid: Pid,
     },
+    /// The active health check connection of a worker (one at a time per worker).
+    Probe(Pid),
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -42,6 +44,7 @@ impl Token {
             Token::Control => (4, 0, 0),
             Token::Listener(i) => (5, i, 0),
             Token::Channel { listener, pid } => (6, listener, pid.as_raw()),
+            Token::Probe(pid) => (7, 0, pid.as_raw()),
         };
         debug_assert!(listener <= MAX_LISTENERS);
         kind << KIND_SHIFT | (listener as u64 & 0xffff) << LISTENER_SHIFT | u64::from(pid as u32)
@@ -57,6 +60,7 @@ impl Token {
             4 => Token::Control,
             5 => Token::Listener(listener),
             6 => Token::Channel { listener, pid },
+            7 => Token::Probe(pid),
             _ => return None,
         })
     }
@@ -84,6 +88,21 @@ impl Poller {
             .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token.encode()))
     }
 
+    /// Wait for `EPOLLOUT` (`writable`) or `EPOLLIN` on `fd`, registering it or changing what
+    /// it waits for.
+    pub fn watch(&self, fd: impl AsFd, token: Token, writable: bool) -> nix::Result<()> {
+        let flags = if writable {
+            EpollFlags::EPOLLOUT
+        } else {
+            EpollFlags::EPOLLIN
+        };
+        let mut event = EpollEvent::new(flags, token.encode());
+        match self.epoll.modify(&fd, &mut event) {
+            Err(nix::errno::Errno::ENOENT) => self.epoll.add(fd, event),
+            other => other,
+        }
+    }
+
     /// Stop waiting on `fd`; an fd that is not registered is fine.
     pub fn unregister(&self, fd: impl AsFd) {
         let _ = self.epoll.delete(fd);
@@ -108,6 +127,7 @@ mod tests {
         let pids = [1, 2, 255, 256, 65_535, 65_536, 4_194_304, i32::MAX];
         let listeners = [0, 1, 255, 256, 257, 1024, MAX_LISTENERS];
         let mut all = vec![Token::Signal, Token::Timer, Token::Notify, Token::Control];
+        all.extend(pids.iter().map(|&p| Token::Probe(Pid::from_raw(p))));
         for &l in &listeners {
             all.push(Token::Listener(l));
             for &p in &pids {

@@ -21,7 +21,7 @@ pub(crate) struct Cli {
 #[derive(Debug)]
 pub(crate) enum Sub {
     Status { json: bool },
-    Reload,
+    Reload { canary: Option<usize> },
     Scale { workers: usize },
 }
 
@@ -35,7 +35,7 @@ fn long_flags() -> Vec<&'static str> {
         .iter()
         .flat_map(|k| k.flag.into_iter().chain(k.aliases.iter().copied()))
         .collect();
-    v.extend(["--config", "--help", "--version", "--json"]);
+    v.extend(["--config", "--help", "--version", "--json", "--canary"]);
     v
 }
 
@@ -60,6 +60,7 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
     let mut sub_name: Option<String> = None;
     let mut scale_n: Option<String> = None;
     let mut json = false;
+    let mut canary: Option<usize> = None;
     let mut command: Option<Vec<String>> = None;
     while i < strs.len() {
         let arg = strs[i].clone();
@@ -116,6 +117,32 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
             }
             "-V" | "--version" => {
                 cli.version = true;
+                continue;
+            }
+            "--canary" => {
+                if sub_name.as_deref() != Some("reload") {
+                    return Err(usage(
+                        "--canary",
+                        "only applies to `sockvisor reload`",
+                        "use sockvisor reload --canary N",
+                    ));
+                }
+                let n = inline.or_else(|| {
+                    let v = strs.get(i).cloned();
+                    i += 1;
+                    v
+                });
+                let n = n.ok_or_else(|| {
+                    usage(
+                        "--canary",
+                        "needs a worker count",
+                        "use sockvisor reload --canary 1",
+                    )
+                })?;
+                canary = Some(
+                    parse_count(&n, 0, WORKERS_CEILING)
+                        .map_err(|(m, f)| usage("--canary", m, f))?,
+                );
                 continue;
             }
             "--json" => {
@@ -221,7 +248,7 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
     cli.sub = match sub_name.as_deref() {
         None => None,
         Some("status") => Some(Sub::Status { json }),
-        Some("reload") => Some(Sub::Reload),
+        Some("reload") => Some(Sub::Reload { canary }),
         Some(_) => {
             let n = scale_n.ok_or_else(|| {
                 usage(

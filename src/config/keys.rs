@@ -27,6 +27,8 @@ pub(crate) enum Kind {
     Ready,
     /// One of these words.
     Choice(&'static [&'static str]),
+    /// A percentage (`10%`, `12.5`, kept in tenths of a percent), or `none`.
+    OptPercent,
     /// Exit codes 0-255: a TOML array of integers, or a comma-separated list.
     ExitCodes,
     /// A program and its arguments: a TOML array of strings, or a string split on whitespace.
@@ -355,6 +357,145 @@ pub(crate) const KEYS: &[Key] = &[
         default: Default::Value("60s"),
         help: "time a new generation has to get ready before it is rolled back",
         doc: "time a new generation has to get ready before it is rolled back",
+        ..BASE
+    },
+    Key {
+        name: "weight",
+        env: "SOCKVISOR_WEIGHT",
+        flag: Some("--weight"),
+        arg: "N",
+        kind: Kind::Count { min: 1, max: 1000 },
+        default: Default::Value("1"),
+        help: "weight of this generation's workers in (smooth weighted) round robin",
+        doc: "weight of each worker of this generation in smooth weighted round robin (`round-robin` and `reuseport`; 1..=1000). Workers of one generation share evenly; during a reload or a canary the old and new generations share by their weights. See docs/canary.md",
+        ..BASE
+    },
+    Key {
+        name: "canary_workers",
+        env: "SOCKVISOR_CANARY_WORKERS",
+        flag: Some("--canary-workers"),
+        arg: "N",
+        kind: Kind::Count {
+            min: 0,
+            max: usize::MAX,
+        },
+        default: Default::Value("0"),
+        help: "reloads start with N canary workers of the new generation (0: plain reload; \
+               sockvisor reload --canary N overrides)",
+        doc: "a reload (SIGHUP, `systemctl reload`, `sockvisor reload`) starts with this many canary workers of the new generation beside the old fleet, observes them, then promotes or rolls back; 0 is a plain reload. `sockvisor reload --canary N` overrides it for one reload. See docs/canary.md",
+        ..BASE
+    },
+    Key {
+        name: "canary_share",
+        env: "SOCKVISOR_CANARY_SHARE",
+        flag: Some("--canary-share"),
+        arg: "PCT",
+        kind: Kind::OptPercent,
+        default: Default::Value("none"),
+        help: "share of new connections the canary workers get together (none: by their \
+               generation's weight)",
+        doc: "share of new connections the canary workers get together, `10%` (0-100, tenths allowed); `none`: each canary worker weighs its generation's `weight` against the old workers' weights",
+        ..BASE
+    },
+    Key {
+        name: "canary_by",
+        env: "SOCKVISOR_CANARY_BY",
+        flag: Some("--canary-by"),
+        arg: "HOW",
+        kind: Kind::Choice(&["weight", "client"]),
+        default: Default::Value("weight"),
+        help: "weight: the canary's share by smooth weighted round robin | client: by client \
+               address buckets (sticky; channel policies only)",
+        doc: "how `canary_share` is applied: `weight` (smooth weighted round robin between canary and old workers) or `client` (a client address falls in one of 1000 buckets; the first `canary_share` of them go to the canary, so a client stays on one generation; needs a channel policy)",
+        ..BASE
+    },
+    Key {
+        name: "canary_observe",
+        env: "SOCKVISOR_CANARY_OBSERVE",
+        flag: Some("--canary-observe"),
+        arg: "DUR",
+        kind: Kind::Duration,
+        default: Default::Value("60s"),
+        help: "how long the canary serves before it is promoted",
+        doc: "how long the ready canary serves its share before it is promoted; a crash, a watchdog/wedge/ready-timeout kill or a failed active health check meanwhile rolls it back",
+        ..BASE
+    },
+    Key {
+        name: "health_check",
+        env: "SOCKVISOR_HEALTH_CHECK",
+        flag: Some("--health-check"),
+        arg: "KIND",
+        kind: Kind::Choice(&["none", "tcp", "http"]),
+        default: Default::Value("none"),
+        help: "active health check of every worker: none | tcp (connect) | http (request \
+               line, expected status)",
+        doc: "active health check of each worker, through a connection that reaches it alone (docs/health.md): `none`, `tcp` (the connection is made) or `http` (`health_check_request` answered with `health_check_status`). Needs a channel policy or `reuseport` (TCP)",
+        ..BASE
+    },
+    Key {
+        name: "health_check_request",
+        env: "SOCKVISOR_HEALTH_CHECK_REQUEST",
+        flag: Some("--health-check-request"),
+        arg: "LINE",
+        kind: Kind::Text,
+        default: Default::Value("GET / HTTP/1.1"),
+        help: "HTTP request line of the http check (Host and Connection: close are added)",
+        doc: "request line of the `http` check; `Host: localhost` and `Connection: close` are added",
+        ..BASE
+    },
+    Key {
+        name: "health_check_status",
+        env: "SOCKVISOR_HEALTH_CHECK_STATUS",
+        flag: Some("--health-check-status"),
+        arg: "CODE",
+        kind: Kind::Count { min: 100, max: 599 },
+        default: Default::Value("200"),
+        help: "status the http check expects",
+        doc: "the status code the `http` check expects",
+        ..BASE
+    },
+    Key {
+        name: "health_check_interval",
+        env: "SOCKVISOR_HEALTH_CHECK_INTERVAL",
+        flag: Some("--health-check-interval"),
+        arg: "DUR",
+        kind: Kind::Duration,
+        default: Default::Value("5s"),
+        help: "time between checks of a worker",
+        doc: "time from the start of one check of a worker to the next",
+        ..BASE
+    },
+    Key {
+        name: "health_check_timeout",
+        env: "SOCKVISOR_HEALTH_CHECK_TIMEOUT",
+        flag: Some("--health-check-timeout"),
+        arg: "DUR",
+        kind: Kind::Duration,
+        default: Default::Value("2s"),
+        help: "check time limit",
+        doc: "a check not answered within this time fails (at most `health_check_interval`)",
+        ..BASE
+    },
+    Key {
+        name: "health_check_passes",
+        env: "SOCKVISOR_HEALTH_CHECK_PASSES",
+        flag: Some("--health-check-passes"),
+        arg: "N",
+        kind: Kind::Count { min: 1, max: 1000 },
+        default: Default::Value("2"),
+        help: "consecutive passes that put a failing worker back in the rotation",
+        doc: "consecutive passes that put a worker back in the rotation after a failed check (one failure takes it out at once)",
+        ..BASE
+    },
+    Key {
+        name: "health_check_fails",
+        env: "SOCKVISOR_HEALTH_CHECK_FAILS",
+        flag: Some("--health-check-fails"),
+        arg: "N",
+        kind: Kind::Count { min: 1, max: 1000 },
+        default: Default::Value("3"),
+        help: "consecutive failures that replace a worker",
+        doc: "consecutive failed checks after which the worker is replaced (SIGTERM, its slot restarts it)",
         ..BASE
     },
     Key {

@@ -57,8 +57,11 @@ pub enum Invocation {
     Run(Box<Config>),
     /// `sockvisor status [--json]`
     Status { control: PathBuf, json: bool },
-    /// `sockvisor reload`
-    Reload { control: PathBuf },
+    /// `sockvisor reload [--canary N]`
+    Reload {
+        control: PathBuf,
+        canary: Option<usize>,
+    },
     /// `sockvisor scale N`
     Scale { control: PathBuf, workers: usize },
     /// `--help`: the text to print.
@@ -171,6 +174,40 @@ pub struct Backoff {
     pub give_up_after: u32,
 }
 
+/// How a reload starts with canary workers (docs/canary.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryConfig {
+    /// Canary workers a reload starts with (0: a plain reload).
+    pub workers: usize,
+    /// Their share of new connections together, per mille; `None`: by weight.
+    pub share_permille: Option<u32>,
+    /// The share is by client address buckets rather than by weight.
+    pub by_client: bool,
+    /// How long the ready canary serves before it is promoted.
+    pub observe: Duration,
+}
+
+/// What an active health check sends and expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// The connection is made.
+    Tcp,
+    /// This request line is answered with this status.
+    Http { request: String, status: u16 },
+}
+
+/// Active health checks (docs/health.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that put a worker back in the rotation.
+    pub passes: u32,
+    /// Consecutive failures that replace it.
+    pub fails: u32,
+}
+
 /// The resolved configuration of a fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -209,6 +246,12 @@ pub struct Config {
     pub reload_surge: usize,
     /// How long a new generation has to become ready before it is rolled back.
     pub reload_timeout: Duration,
+    /// Weight of this generation's workers in (smooth weighted) round robin.
+    pub weight: u32,
+    /// Canary rollouts: how many, what share, for how long.
+    pub canary: CanaryConfig,
+    /// Active health checks of each worker (`None`: off).
+    pub health_check: Option<HealthCheck>,
     pub control_socket: Option<PathBuf>,
     /// `control_socket` was given (not derived): failing to bind it is an error.
     pub control_socket_explicit: bool,
@@ -362,7 +405,7 @@ fn load_with(
     );
     match cli.sub {
         Some(Sub::Status { json }) => return Ok(Invocation::Status { control, json }),
-        Some(Sub::Reload) => return Ok(Invocation::Reload { control }),
+        Some(Sub::Reload { canary }) => return Ok(Invocation::Reload { control, canary }),
         Some(Sub::Scale { workers }) => return Ok(Invocation::Scale { control, workers }),
         None => {}
     }

@@ -172,6 +172,13 @@ pub(crate) fn resolve(
         Some(a) => a.v,
         None => default_of::<Duration>("restart_delay_max").max(initial),
     };
+    let canary = super::CanaryConfig {
+        workers: value(&mut layer, "canary_workers"),
+        share_permille: value::<Option<usize>>(&mut layer, "canary_share").map(|p| p as u32),
+        by_client: value::<String>(&mut layer, "canary_by") == "client",
+        observe: value(&mut layer, "canary_observe"),
+    };
+    let health_check = resolve_health_check(&mut layer)?;
     let control_socket_explicit = layer.is_set("control_socket");
     Ok(Config {
         file,
@@ -206,10 +213,56 @@ pub(crate) fn resolve(
         wedged_after: value(&mut layer, "wedged_after"),
         reload_surge: value(&mut layer, "reload_surge"),
         reload_timeout: value(&mut layer, "reload_timeout"),
+        weight: value(&mut layer, "weight"),
+        canary,
+        health_check,
         control_socket: Some(control),
         control_socket_explicit,
         runtime_dir: layer.take("runtime_dir").map(|a| a.v),
     })
+}
+
+fn resolve_health_check(layer: &mut Layer) -> Result<Option<super::HealthCheck>, ConfigError> {
+    let kind = match value::<String>(layer, "health_check").as_str() {
+        "tcp" => super::CheckKind::Tcp,
+        "http" => {
+            let request: String = value(layer, "health_check_request");
+            let status: usize = value(layer, "health_check_status");
+            super::CheckKind::Http {
+                request: request.trim().to_string(),
+                status: status as u16,
+            }
+        }
+        _ => return Ok(None),
+    };
+    let interval: Duration = value(layer, "health_check_interval");
+    let timeout = match layer.take::<Duration>("health_check_timeout") {
+        Some(At { v, at }) if v > interval || v.is_zero() => {
+            return Err(at.err(
+                "health_check_timeout",
+                format!("{v:?} is not within health_check_interval = {interval:?}"),
+                "make health_check_timeout more than 0 and at most health_check_interval",
+            ))
+        }
+        Some(a) => a.v,
+        None => default_of::<Duration>("health_check_timeout").min(interval),
+    };
+    if interval.is_zero() {
+        return Err(ConfigError {
+            file: None,
+            line: None,
+            key: Some("health_check_interval".into()),
+            message: "0 is not an interval".into(),
+            fix: Some("use a duration such as 5s".into()),
+        });
+    }
+    Ok(Some(super::HealthCheck {
+        kind,
+        interval,
+        timeout,
+        passes: value(layer, "health_check_passes"),
+        fails: value(layer, "health_check_fails"),
+    }))
 }
 
 fn resolve_listeners(

@@ -345,7 +345,10 @@ fn subcommands() {
         other => panic!("{other:?}"),
     }
     match sub(&["--control=/c.sock", "reload"]) {
-        Invocation::Reload { control } => assert_eq!(control, PathBuf::from("/c.sock")),
+        Invocation::Reload { control, canary } => {
+            assert_eq!(control, PathBuf::from("/c.sock"));
+            assert_eq!(canary, None);
+        }
         other => panic!("{other:?}"),
     }
     match sub(&["scale", "6", "--control", "/c.sock"]) {
@@ -681,7 +684,9 @@ fn repeated_phrases_are_found() {
 fn every_key_set_resolves() {
     use super::keys::{Kind, KEYS};
     let sample = |kind| match kind {
+        Kind::Count { min: 100, .. } => "200",
         Kind::Count { .. } | Kind::CountOrAll => "1",
+        Kind::OptPercent => "10%",
         Kind::Duration | Kind::OptDuration => "1s",
         Kind::Text => "nobody",
         Kind::Path => "/run/x",

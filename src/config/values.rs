@@ -98,6 +98,10 @@ pub(crate) fn parse(kind: Kind, s: &str, at: &Origin) -> Result<Value, VErr> {
                 ))
             }
         },
+        Kind::OptPercent => Value::OptCount(match s.trim() {
+            "none" => None,
+            t => Some(parse_permille(t)?),
+        }),
         Kind::ExitCodes => Value::ExitCodes(
             s.split(',')
                 .map(str::trim)
@@ -115,6 +119,34 @@ pub(crate) fn parse(kind: Kind, s: &str, at: &Origin) -> Result<Value, VErr> {
             Value::Listeners(list)
         }
     })
+}
+
+/// `10%`, `10`, `12.5%` in tenths of a percent (per mille): 0..=1000.
+fn parse_permille(s: &str) -> Result<usize, VErr> {
+    let bad = || {
+        (
+            format!("expected a percentage, got {}", got(s)),
+            "use a number from 0 to 100 with an optional % and at most one decimal, e.g. 10% or 12.5%, or none".to_string(),
+        )
+    };
+    let t = s.trim().trim_end_matches('%').trim();
+    let (whole, tenth) = match t.split_once('.') {
+        Some((w, f)) if f.len() == 1 => (w, f),
+        Some(_) => return Err(bad()),
+        None => (t, "0"),
+    };
+    if whole.is_empty()
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !tenth.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let n = whole.parse::<usize>().map_err(|_| bad())? * 10
+        + tenth.parse::<usize>().map_err(|_| bad())?;
+    if n > 1000 {
+        return Err(bad());
+    }
+    Ok(n)
 }
 
 pub(crate) fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, VErr> {

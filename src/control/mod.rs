@@ -32,7 +32,7 @@
 //!     for (id, request) in server.poll() {
 //!         let reply = match request {
 //!             Request::Scale { workers } => Reply::ok(Some(format!("scaling to {workers}"))),
-//!             Request::Status | Request::Reload => Reply::error("not in this example"),
+//!             Request::Status | Request::Reload { .. } => Reply::error("not in this example"),
 //!         };
 //!         server.reply(id, &reply);
 //!     }
@@ -52,6 +52,8 @@ pub mod table;
 mod tests;
 
 pub use client::{request, ClientError};
-pub use protocol::{FleetStatus, ListenerStatus, Reply, Request, WorkerStatus, MAX_LINE};
+pub use protocol::{
+    CanaryStatus, CheckStatus, FleetStatus, ListenerStatus, Reply, Request, WorkerStatus, MAX_LINE,
+};
 pub use server::{ControlServer, RequestId, MAX_CLIENTS, MAX_IN_FLIGHT, MAX_PENDING_OUTPUT};
 pub use table::{format_status_table, format_uptime};

@@ -10,8 +10,19 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Reload,
-    Scale { workers: usize },
+    /// `canary`: start with that many canary workers (`sockvisor reload --canary N`).
+    Reload {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        canary: Option<usize>,
+    },
+    Scale {
+        workers: usize,
+    },
+}
+
+impl Request {
+    /// A plain reload (the configuration's `canary_workers` decide).
+    pub const RELOAD: Request = Request::Reload { canary: None };
 }
 
 /// One worker in `status`.
@@ -30,6 +41,48 @@ pub struct WorkerStatus {
     pub open: Option<u64>,
     /// The worker's last `STATUS=`.
     pub status: Option<String>,
+    /// Its weight in (smooth weighted) round robin.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Taken out of the rotation by a failed active health check.
+    #[serde(default)]
+    pub out_of_rotation: bool,
+    /// One of the workers of a canary being observed.
+    #[serde(default)]
+    pub canary: bool,
+    /// Its active health checks, when configured.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub health_check: Option<CheckStatus>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A worker's active health checks in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    pub passes: u64,
+    pub failures: u64,
+    pub consecutive_passes: u32,
+    pub consecutive_failures: u32,
+    /// `passed: HTTP 200 in 1ms`, `failed: no answer within 2000ms`, ...
+    pub last: Option<String>,
+}
+
+/// A canary rollout in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    pub generation: u64,
+    pub pids: Vec<i32>,
+    /// `10% by weight`, `10% by client address`, `weight 1 per worker (old workers: 3)`.
+    pub share: String,
+    /// starting | observing
+    pub phase: String,
+    /// Observation time left.
+    pub observe_left_secs: Option<f64>,
+    /// `1/1 workers passing their health checks`, ...
+    pub health: String,
 }
 
 /// `status` reply.
@@ -43,6 +96,9 @@ pub struct FleetStatus {
     pub summary: String,
     pub workers: Vec<WorkerStatus>,
     pub listeners: Vec<ListenerStatus>,
+    /// The canary being rolled out, if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub canary: Option<CanaryStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,7 +173,7 @@ impl Reply {
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_slice::<Request>(line).map_err(|e| {
         format!(
-            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} or {{"cmd":"scale","workers":N}}"#
+            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} ({{"cmd":"reload","canary":N}}) or {{"cmd":"scale","workers":N}}"#
         )
     })
 }
@@ -137,7 +193,15 @@ mod tests {
             b"{\"ok\":false,\"error\":\"x\"}\n"
         );
         assert_eq!(Reply::ok(None).to_line(), b"{\"ok\":true}\n");
-        assert_eq!(parse_request(br#"{"cmd":"reload"}"#), Ok(Request::Reload));
+        assert_eq!(parse_request(br#"{"cmd":"reload"}"#), Ok(Request::RELOAD));
+        assert_eq!(
+            parse_request(br#"{"cmd":"reload","canary":2}"#),
+            Ok(Request::Reload { canary: Some(2) })
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::RELOAD).unwrap(),
+            r#"{"cmd":"reload"}"#
+        );
         let e = parse_request(b"status").unwrap_err();
         assert!(
             e.starts_with("bad request") && e.contains(r#"{"cmd":"status"}"#),

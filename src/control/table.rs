@@ -95,36 +95,74 @@ pub fn format_status_table(status: &FleetStatus) -> String {
             }
         }
     }
+    if let Some(c) = &status.canary {
+        out.push_str(&format!(
+            "canary: generation {} ({} workers), {}, {}{}; {}\n",
+            c.generation,
+            c.pids.len(),
+            printable(&c.share),
+            printable(&c.phase),
+            c.observe_left_secs
+                .map_or(String::new(), |s| format!(" ({} left)", format_uptime(s))),
+            printable(&c.health)
+        ));
+    }
     out.push('\n');
     if status.workers.is_empty() {
         out.push_str("(no workers)\n");
         return out;
     }
-    let mut rows = vec![header(&[
-        "SLOT",
-        "PID",
-        "GEN",
+    let checks = status.workers.iter().any(|w| w.health_check.is_some());
+    let weights = status.workers.iter().any(|w| w.weight != 1);
+    let mut names = vec!["SLOT", "PID", "GEN"];
+    if weights {
+        names.push("WEIGHT");
+    }
+    names.extend([
         "STATE",
         "UPTIME",
         "RESTARTS",
         "DISPATCHED",
         "QUEUED",
         "OPEN",
-        "STATUS",
-    ])];
+    ]);
+    if checks {
+        names.push("CHECK");
+    }
+    names.push("STATUS");
+    let mut rows = vec![header(&names)];
     for w in &status.workers {
-        rows.push(vec![
+        let mut state = printable(&w.state);
+        if w.canary {
+            state.push_str(",canary");
+        }
+        if w.out_of_rotation {
+            state.push_str(",out-of-rotation");
+        }
+        let mut row = vec![
             w.slot.to_string(),
             w.pid.to_string(),
             w.generation.to_string(),
-            printable(&w.state),
+        ];
+        if weights {
+            row.push(w.weight.to_string());
+        }
+        row.extend([
+            state,
             format_uptime(w.uptime_secs),
             w.restarts.to_string(),
             w.dispatched.to_string(),
             w.queued.to_string(),
             w.open.map_or_else(|| "-".to_string(), |o| o.to_string()),
-            printable(w.status.as_deref().unwrap_or("-")),
         ]);
+        if checks {
+            row.push(match &w.health_check {
+                Some(c) => printable(c.last.as_deref().unwrap_or("not yet")),
+                None => "-".to_string(),
+            });
+        }
+        row.push(printable(w.status.as_deref().unwrap_or("-")));
+        rows.push(row);
     }
     out.push_str(&columns(&rows));
     out
@@ -154,6 +192,10 @@ pub(super) mod tests {
                     queued: 3,
                     open: Some(7),
                     status: Some("serving".into()),
+                    weight: 1,
+                    out_of_rotation: false,
+                    canary: false,
+                    health_check: None,
                 },
                 WorkerStatus {
                     slot: 1,
@@ -166,6 +208,10 @@ pub(super) mod tests {
                     queued: 0,
                     open: None,
                     status: None,
+                    weight: 1,
+                    out_of_rotation: false,
+                    canary: false,
+                    health_check: None,
                 },
             ],
             listeners: vec![ListenerStatus {
@@ -176,7 +222,42 @@ pub(super) mod tests {
                 accepted: Some(1000),
                 pending: 0,
             }],
+            canary: None,
         }
+    }
+
+    #[test]
+    fn status_table_shows_weights_canary_and_checks() {
+        let mut s = sample_status();
+        s.workers[1].weight = 3;
+        s.workers[1].canary = true;
+        s.workers[0].out_of_rotation = true;
+        s.workers[0].health_check = Some(crate::control::CheckStatus {
+            passes: 4,
+            failures: 1,
+            consecutive_passes: 0,
+            consecutive_failures: 1,
+            last: Some("failed: HTTP 500 in 1ms".into()),
+        });
+        s.canary = Some(crate::control::CanaryStatus {
+            generation: 2,
+            pids: vec![101],
+            share: "10% by weight".into(),
+            phase: "observing".into(),
+            observe_left_secs: Some(42.0),
+            health: "no active checks; watching for exits and kills".into(),
+        });
+        let t = format_status_table(&s);
+        assert!(
+            t.contains("canary: generation 2 (1 workers), 10% by weight, observing (42s left); no active checks"),
+            "{t}"
+        );
+        assert!(t.contains("WEIGHT") && t.contains("CHECK"), "{t}");
+        assert!(
+            t.contains("ready,out-of-rotation") && t.contains("failed: HTTP 500 in 1ms"),
+            "{t}"
+        );
+        assert!(t.contains("starting,canary"), "{t}");
     }
 
     #[test]

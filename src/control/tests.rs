@@ -36,7 +36,7 @@ fn serve(
 fn answer(server: &mut ControlServer, id: RequestId, r: Request) {
     let reply = match r {
         Request::Status => Reply::with_status(sample_status()),
-        Request::Reload => Reply::ok(Some("reloaded".into())),
+        Request::Reload { .. } => Reply::ok(Some("reloaded".into())),
         Request::Scale { workers } => Reply::ok(Some(format!("scaled to {workers}"))),
     };
     server.reply(id, &reply);
@@ -100,7 +100,7 @@ fn round_trip_with_blocking_client() {
         (
             request(&p, &Request::Status, t).unwrap(),
             request(&p, &Request::Scale { workers: 3 }, t).unwrap(),
-            request(&p, &Request::Reload, t).unwrap(),
+            request(&p, &Request::RELOAD, t).unwrap(),
         )
     });
     serve(&mut server, |_| client.is_finished(), answer);
@@ -167,7 +167,7 @@ fn replies_come_in_request_order() {
     )
     .unwrap();
     let got = take(&mut server, 3);
-    assert_eq!(got[0].1, Request::Reload);
+    assert_eq!(got[0].1, Request::RELOAD);
     assert_eq!(got[1].1, Request::Status);
     // Answer the later ones first, the reload last (as a real reload ends later).
     assert!(server.reply(got[2].0, &Reply::ok(Some("scaled".into()))));
@@ -289,7 +289,7 @@ fn half_closed_client_gets_late_reply() {
         &mut server,
         |_| pending.get().is_some(),
         |_, id, r| {
-            assert_eq!(r, Request::Reload);
+            assert_eq!(r, Request::RELOAD);
             pending.set(Some(id));
         },
     );
@@ -397,7 +397,7 @@ fn client_errors_are_clear() {
     // A server that never answers: timeout.
     let _server = ControlServer::bind(&path).unwrap();
     let t = Instant::now();
-    let e = request(&path, &Request::Reload, Duration::from_millis(200)).unwrap_err();
+    let e = request(&path, &Request::RELOAD, Duration::from_millis(200)).unwrap_err();
     assert!(matches!(e, ClientError::Timeout { .. }), "{e}");
     assert!(t.elapsed() < Duration::from_secs(3));
 }

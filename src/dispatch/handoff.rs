@@ -12,9 +12,10 @@
 //! and the listener leaves epoll, so the kernel backlog absorbs the burst; the pending queue
 //! is retried every `PENDING_RETRY` and on every [`ListenerDispatch::flush`].
 
+use super::policy::client_bucket;
 use super::{
-    Candidate, Channel, ListenerDispatch, ListenerFigures, Policy, SendError, Settings, Trouble,
-    WorkerFigures, WorkerRef,
+    probe, Candidate, Channel, ListenerDispatch, ListenerFigures, Policy, ProbeConn, SendError,
+    Settings, Split, Trouble, WorkerFigures, WorkerRef,
 };
 use crate::activation::Listener;
 use crate::config::DispatchPolicy;
@@ -46,6 +47,8 @@ struct WorkerChannel {
     channel: Channel,
     /// May receive connections (ready, and not leaving).
     ready: bool,
+    /// Not taken out by a failed active health check.
+    in_rotation: bool,
     /// Connections sent on this channel.
     dispatched: u64,
     /// Connections the worker reported closed (least-connections).
@@ -97,6 +100,10 @@ pub struct Handoff {
     wedge_checked: Option<Instant>,
     /// Transient send failures (`ETOOMANYREFS`, `ENOMEM`): logged now and then.
     send_failures: Throttle,
+    /// A canary's share, and the smooth weighted round robin between the canary (`[0]`)
+    /// and the rest (`[1]`) when it is by weight.
+    split: Option<Split>,
+    split_current: [i64; 2],
     /// Scratch buffers reused for every connection.
     candidates: Vec<Candidate>,
     order: Vec<usize>,
@@ -138,6 +145,8 @@ impl Handoff {
             troubles: Vec::new(),
             wedge_checked: None,
             send_failures: Throttle::new(SEND_FAILURE_LOG_INTERVAL),
+            split: None,
+            split_current: [0; 2],
             candidates: Vec::new(),
             order: Vec::new(),
         }
@@ -178,12 +187,72 @@ impl Handoff {
         }
     }
 
-    /// Give `conn` to a worker chosen by the policy; hand it back if none can take it now.
+    /// The canary group this connection goes to (`Some(true)`: the canary generation's
+    /// workers, `Some(false)`: the others), or `None` without a split or while one group
+    /// has nobody in the rotation.
+    fn pick_group(&mut self, peer: Option<IpAddr>) -> Option<bool> {
+        let split = self.split?;
+        let serving = |canary: bool| {
+            self.channels.values().any(|c| {
+                c.ready && c.in_rotation && (c.worker.generation == split.generation) == canary
+            })
+        };
+        if !serving(true) || !serving(false) {
+            return None;
+        }
+        if split.by_client {
+            // No address (unix sockets): the old fleet.
+            return Some(peer.is_some_and(|ip| client_bucket(ip) < split.permille));
+        }
+        let p = i64::from(split.permille.min(1000));
+        self.split_current[0] += p;
+        self.split_current[1] += 1000 - p;
+        let canary = self.split_current[0] > self.split_current[1];
+        self.split_current[usize::from(!canary)] -= 1000;
+        Some(canary)
+    }
+
+    /// Give `conn` to a worker chosen by the split and the policy; hand it back if none can
+    /// take it now. A connection whose group has no room goes to the other group rather
+    /// than wait.
     fn hand_off(&mut self, conn: OwnedFd) -> Result<(), OwnedFd> {
+        let peer = match (self.choice.kind(), self.split) {
+            (DispatchPolicy::IpHash, _) => peer_ip(&conn),
+            (_, Some(s)) if s.by_client => peer_ip(&conn),
+            _ => None,
+        };
+        let group = self.pick_group(peer);
+        let conn = match self.hand_off_to(conn, peer, group) {
+            Ok(()) => return Ok(()),
+            Err(conn) => conn,
+        };
+        match group {
+            Some(g) => self.hand_off_to(conn, peer, Some(!g)),
+            None => Err(conn),
+        }
+    }
+
+    /// [`Handoff::hand_off`] within one group (`None`: every worker).
+    fn hand_off_to(
+        &mut self,
+        conn: OwnedFd,
+        peer: Option<IpAddr>,
+        group: Option<bool>,
+    ) -> Result<(), OwnedFd> {
         let window = self.settings.window;
         let report_close = self.reports_close();
+        let canary_generation = self.split.map(|s| s.generation);
         self.candidates.clear();
-        for c in self.channels.values_mut().filter(|c| c.ready) {
+        for c in self
+            .channels
+            .values_mut()
+            .filter(|c| c.ready && c.in_rotation)
+        {
+            if let Some(g) = group {
+                if (Some(c.worker.generation) == canary_generation) != g {
+                    continue;
+                }
+            }
             let queued = if report_close {
                 c.refresh_queued()
             } else {
@@ -194,12 +263,9 @@ impl Handoff {
                 key: c.worker.pid.as_raw() as u64,
                 queued,
                 open: c.open(),
+                weight: c.worker.weight,
             });
         }
-        let peer = match self.choice.kind() {
-            DispatchPolicy::IpHash => peer_ip(&conn),
-            _ => None,
-        };
         self.choice.order(&self.candidates, peer, &mut self.order);
         let mut conn = conn;
         for &i in &self.order {
@@ -284,6 +350,7 @@ impl ListenerDispatch for Handoff {
                 worker,
                 channel,
                 ready: false,
+                in_rotation: true,
                 dispatched: 0,
                 reported_closed: 0,
                 reports: false,
@@ -306,6 +373,47 @@ impl ListenerDispatch for Handoff {
         if let Some(c) = self.channels.get_mut(&pid) {
             c.ready = true;
         }
+    }
+
+    /// Out of the rotation, what is queued in its channel and not received yet goes to the
+    /// others (a worker answering errors would answer those with errors too).
+    fn set_in_rotation(&mut self, pid: Pid, in_rotation: bool) {
+        let Some(c) = self.channels.get_mut(&pid) else {
+            return;
+        };
+        c.in_rotation = in_rotation;
+        if !in_rotation && !self.stopped {
+            let n = take_back(&c.channel, &mut self.pending_connections);
+            self.reclaimed += n as u64;
+        }
+    }
+
+    fn set_split(&mut self, split: Option<Split>) {
+        if split != self.split {
+            self.split_current = [0; 2];
+        }
+        self.split = split;
+    }
+
+    /// One end of a socket pair, handed over the worker's channel whatever its window (a
+    /// probe must reach a busy worker too; only a full kernel queue refuses it).
+    fn open_probe(&mut self, pid: Pid) -> Option<io::Result<ProbeConn>> {
+        let c = self.channels.get_mut(&pid)?;
+        Some((|| {
+            let (ours, theirs) = probe::socket_pair()?;
+            c.channel
+                .send(
+                    theirs,
+                    self.choice.kind() == DispatchPolicy::LeastConnections,
+                )
+                .map_err(|(_, e)| match e {
+                    SendError::Full => io::Error::other("its channel is full"),
+                    SendError::Transient(e) | SendError::Closed(e) => io::Error::from(e),
+                })?;
+            c.dispatched += 1;
+            c.queued_bound += 1;
+            Ok(ours)
+        })())
     }
 
     fn worker_leaving(&mut self, pid: Pid) -> usize {

@@ -25,12 +25,14 @@
 pub mod channel;
 pub mod handoff;
 pub mod policy;
+pub mod probe;
 pub mod reuseport;
 pub mod shared;
 pub(crate) mod sys;
 
 pub use channel::{Channel, Reports, SendError};
 pub use policy::{Candidate, Policy};
+pub use probe::ProbeConn;
 
 use crate::activation::Listener;
 use crate::config::DispatchPolicy;
@@ -47,6 +49,20 @@ pub struct WorkerRef {
     /// `SOCKVISOR_WORKER_ID`: stable across restarts; round-robin order and the ip-hash key.
     pub slot: usize,
     pub generation: u64,
+    /// Its weight in (smooth weighted) round robin: its generation's `weight`.
+    pub weight: u32,
+}
+
+/// A canary's share of new connections (`reload --canary`): the workers of `generation`
+/// together get `permille` of them, the rest of the fleet the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub generation: u64,
+    /// 0..=1000.
+    pub permille: u32,
+    /// By client address (sticky: a client's bucket, [`policy::client_bucket`], decides)
+    /// rather than by weight (smooth weighted round robin between the two groups).
+    pub by_client: bool,
 }
 
 /// Settings that a reload may change.
@@ -120,6 +136,20 @@ pub trait ListenerDispatch {
     fn start(&mut self, _poller: &Poller) {}
     /// The worker may receive connections.
     fn worker_ready(&mut self, _pid: Pid) {}
+    /// A ready worker leaves the rotation (`false`: an active health check failed; it gets
+    /// no new connection but stays ready and keeps what it holds) or comes back (`true`).
+    /// Workers start in the rotation.
+    fn set_in_rotation(&mut self, _pid: Pid, _in_rotation: bool) {}
+    /// Share new connections between a canary generation and the rest (`None`: by weight
+    /// alone).
+    fn set_split(&mut self, _split: Option<Split>) {}
+    /// A connection that reaches `pid` alone, for an active health check: `None` when this
+    /// listener has no such path (shared, datagrams).
+    fn open_probe(&mut self, _pid: Pid) -> Option<io::Result<ProbeConn>> {
+        None
+    }
+    /// The probe opened with that route is over (its socket is closed or about to be).
+    fn close_probe(&mut self, _route: u16) {}
     /// The worker receives nothing more; connections queued to it that it has not received
     /// are taken back. Returns how many.
     fn worker_leaving(&mut self, _pid: Pid) -> usize {
@@ -274,6 +304,43 @@ impl Dispatcher {
             .iter_mut()
             .map(|l| l.worker_gone(pid, poller))
             .sum()
+    }
+
+    pub fn set_in_rotation(&mut self, pid: Pid, in_rotation: bool) {
+        for l in &mut self.listeners {
+            l.set_in_rotation(pid, in_rotation);
+        }
+    }
+
+    pub fn set_split(&mut self, split: Option<Split>) {
+        for l in &mut self.listeners {
+            l.set_split(split);
+        }
+    }
+
+    /// A probe connection to `pid` through the first listener that can reach it alone, with
+    /// that listener's index (for [`Dispatcher::close_probe`]); `None` when no listener can.
+    pub fn open_probe(&mut self, pid: Pid) -> Option<(usize, io::Result<ProbeConn>)> {
+        self.listeners
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, l)| l.open_probe(pid).map(|r| (i, r)))
+    }
+
+    pub fn close_probe(&mut self, listener: usize, route: u16) {
+        if let Some(l) = self.listeners.get_mut(listener) {
+            l.close_probe(route);
+        }
+    }
+
+    /// Whether some listener can reach one worker alone (active health checks can run).
+    pub fn can_probe(&self) -> bool {
+        self.listeners.iter().any(|l| {
+            let l = l.listener();
+            l.policy.uses_channels()
+                || (l.policy == DispatchPolicy::Reuseport
+                    && l.kind == crate::activation::SocketKind::TcpListener)
+        })
     }
 
     /// The first diagnosis any listener has for a failed worker.

@@ -7,6 +7,11 @@
 //! * **round-robin**: candidates in `(slot, key)` order, starting just after the last chosen
 //!   worker. A worker that is missing from the candidates (full, not ready) is skipped
 //!   without piling its turn onto its neighbour: the rotation continues from the last choice.
+//!   When the candidates' weights differ (per generation: the `weight` key, or a canary's),
+//!   **smooth weighted round robin** (nginx's): every connection each candidate's
+//!   `current_weight` grows by its weight, the largest goes first and loses the sum of the
+//!   weights. Shares follow the weights exactly and a heavy worker's turns are spread out
+//!   (5:1:1 gives a a b a c a a). A missing candidate neither gains nor loses.
 //! * **ip-hash**: rendezvous (highest random weight) hashing of the client address with the
 //!   slot. The same address goes to the same slot while that slot is a candidate; when a
 //!   slot disappears only its addresses move (spread over the others). Without a peer
@@ -18,6 +23,7 @@
 
 use crate::config::DispatchPolicy;
 use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 /// A worker that could take a connection now: ready, and with room in its channel window.
@@ -31,6 +37,8 @@ pub struct Candidate {
     pub queued: usize,
     /// Connections it holds open, if it sends close reports; `None` if it never did.
     pub open: Option<u64>,
+    /// Its weight in round-robin (>= 1; equal weights are plain round-robin).
+    pub weight: u32,
 }
 
 impl Candidate {
@@ -50,11 +58,20 @@ pub struct Policy {
     kind: DispatchPolicy,
     /// Round-robin position: the `(slot, key)` of the last chosen worker.
     last: Option<(usize, u64)>,
+    /// Smooth weighted round robin: each worker's `current_weight`, by key.
+    current: HashMap<u64, i64>,
+    /// The sum of the weights of the last weighted `order`: what the chosen one loses.
+    weight_total: i64,
 }
 
 impl Policy {
     pub fn new(kind: DispatchPolicy) -> Policy {
-        Policy { kind, last: None }
+        Policy {
+            kind,
+            last: None,
+            current: HashMap::new(),
+            weight_total: 0,
+        }
     }
 
     pub fn kind(&self) -> DispatchPolicy {
@@ -68,6 +85,9 @@ impl Policy {
         match self.kind {
             // Not channel policies: nothing to order (never a Handoff's policy).
             DispatchPolicy::Shared | DispatchPolicy::Auto | DispatchPolicy::Reuseport => {}
+            DispatchPolicy::RoundRobin if weighted(candidates) => {
+                self.smooth_weighted(candidates, out)
+            }
             DispatchPolicy::RoundRobin => self.round_robin(candidates, out),
             DispatchPolicy::IpHash => match peer {
                 Some(ip) => {
@@ -97,6 +117,38 @@ impl Policy {
     /// The connection went to `candidates[index]`.
     pub fn chose(&mut self, candidate: &Candidate) {
         self.last = Some(candidate.position());
+        if self.weight_total > 0 {
+            if let Some(c) = self.current.get_mut(&candidate.key) {
+                *c -= self.weight_total;
+            }
+            self.weight_total = 0;
+        }
+    }
+
+    /// nginx's smooth weighted round robin: every candidate's `current_weight` grows by its
+    /// weight; the order is by `current_weight`, largest first (ties by position), and
+    /// [`Policy::chose`] takes the sum of the weights off the one that got the connection.
+    fn smooth_weighted(&mut self, candidates: &[Candidate], out: &mut Vec<usize>) {
+        // Forget workers that are gone (a worker missing only for now keeps its value).
+        if self.current.len() > 4 * candidates.len() + 16 {
+            let live: HashSet<u64> = candidates.iter().map(|c| c.key).collect();
+            self.current.retain(|k, _| live.contains(k));
+        }
+        let mut total = 0i64;
+        for c in candidates {
+            let w = i64::from(c.weight.max(1));
+            *self.current.entry(c.key).or_insert(0) += w;
+            total += w;
+        }
+        self.weight_total = total;
+        out.extend(0..candidates.len());
+        let current = &self.current;
+        out.sort_unstable_by(|&a, &b| {
+            let (ca, cb) = (&candidates[a], &candidates[b]);
+            current[&cb.key]
+                .cmp(&current[&ca.key])
+                .then(ca.position().cmp(&cb.position()))
+        });
     }
 
     /// All candidates by `(slot, key)`, rotated to start just after the last choice.
@@ -114,6 +166,21 @@ impl Policy {
             out.rotate_left(start % len);
         }
     }
+}
+
+/// Whether the candidates' weights differ (equal weights: plain round-robin, exactly as
+/// before weights existed).
+fn weighted(candidates: &[Candidate]) -> bool {
+    candidates
+        .windows(2)
+        .any(|w| w[0].weight.max(1) != w[1].weight.max(1))
+}
+
+/// The canary bucket of a client address, `0..1000`: the same address always falls in the
+/// same bucket, so a canary by client address (`canary_by = "client"`) keeps a client on the
+/// same generation for the whole rollout while the share stays the same.
+pub fn client_bucket(ip: IpAddr) -> u32 {
+    (mix64(hash_ip(ip) ^ 0x6361_6e61_7279) % 1000) as u32
 }
 
 fn insertion_sort_by<T: Copy>(v: &mut [T], mut cmp: impl FnMut(&T, &T) -> Ordering) {
@@ -170,6 +237,7 @@ mod tests {
                 key: 1000 + i as u64,
                 queued: 0,
                 open: None,
+                weight: 1,
             })
             .collect()
     }
@@ -266,6 +334,7 @@ mod tests {
             key: 5,
             queued: 0,
             open: None,
+            weight: 1,
         });
         let mut p = Policy::new(DispatchPolicy::RoundRobin);
         let mut out = Vec::new();
@@ -411,6 +480,66 @@ mod tests {
         }
         let open: Vec<_> = c.iter().map(|x| x.open.unwrap()).collect();
         assert_eq!(open, [10, 10, 10, 10]);
+    }
+
+    #[test]
+    fn weighted_round_robin_gives_exact_shares_spread_out() {
+        let mut c = cands(2);
+        c[0].weight = 3;
+        let mut p = Policy::new(DispatchPolicy::RoundRobin);
+        let mut out = Vec::new();
+        let mut count = [0u32; 2];
+        let mut first = Vec::new();
+        for n in 0..4_000 {
+            let s = dispatch(&mut p, &c, None, &mut out);
+            count[s] += 1;
+            if n < 8 {
+                first.push(s);
+            }
+        }
+        assert_eq!(count, [3_000, 1_000]);
+        assert_eq!(first, [0, 0, 1, 0, 0, 0, 1, 0]);
+        // nginx's example: 5:1:1 gives a a b a c a a
+        let mut c = cands(3);
+        c[0].weight = 5;
+        let mut p = Policy::new(DispatchPolicy::RoundRobin);
+        let got: Vec<_> = (0..7)
+            .map(|_| dispatch(&mut p, &c, None, &mut out))
+            .collect();
+        assert_eq!(got, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn weighted_round_robin_skips_a_full_worker_without_piling_on() {
+        // weights 2:1:1; worker 0 is full for a while: 1 and 2 share evenly meanwhile, and
+        // 0 does not catch up afterwards with a burst
+        let mut all = cands(3);
+        all[0].weight = 2;
+        let without_0: Vec<_> = all.iter().filter(|c| c.slot != 0).copied().collect();
+        let mut p = Policy::new(DispatchPolicy::RoundRobin);
+        let mut out = Vec::new();
+        let mut count = [0u32; 3];
+        for _ in 0..1_000 {
+            count[dispatch(&mut p, &without_0, None, &mut out)] += 1;
+        }
+        assert_eq!(count, [0, 500, 500]);
+        let mut count = [0u32; 3];
+        for _ in 0..4_000 {
+            count[dispatch(&mut p, &all, None, &mut out)] += 1;
+        }
+        assert!(count[0].abs_diff(2_000) <= 2, "{count:?}");
+    }
+
+    #[test]
+    fn client_buckets_are_spread_and_stable() {
+        let mut below = 0;
+        for ip in ips(20_000) {
+            let b = client_bucket(ip);
+            assert!(b < 1000);
+            assert_eq!(b, client_bucket(ip));
+            below += u32::from(b < 100);
+        }
+        assert!(below.abs_diff(2_000) < 200, "{below}");
     }
 
     #[test]

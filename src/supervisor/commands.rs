@@ -25,7 +25,7 @@ impl Supervisor {
                     Ok(m) => Reply::ok(Some(m)),
                     Err(e) => Reply::error(e),
                 }),
-                Request::Reload => match self.reload(now, Some(id.0)) {
+                Request::Reload { canary } => match self.reload(now, Some(id.0), canary) {
                     Ok(()) => None,
                     Err(e) => Some(Reply::error(format!("reload refused: {e}"))),
                 },

@@ -40,6 +40,8 @@ pub struct Worker {
     pub pid: Pid,
     pub slot: usize,
     pub generation: u64,
+    /// Its weight in (smooth weighted) round robin: its generation's `weight`.
+    pub weight: u32,
     pub state: WorkerState,
     pub started: Instant,
     /// When it got ready, if it did.

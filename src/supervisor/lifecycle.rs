@@ -108,8 +108,11 @@ impl Supervisor {
             pid,
             slot,
             generation: self.generation,
+            weight: self.config.weight,
         };
         self.dispatch.commit_worker(worker, &self.poller, now);
+        self.checks
+            .worker_forked(pid, self.config.health_check.clone(), now);
         let ready_at_exec = self.config.ready == ReadyMode::Exec;
         self.workers.insert(
             pid,
@@ -117,6 +120,7 @@ impl Supervisor {
                 pid,
                 slot,
                 generation: self.generation,
+                weight: self.config.weight,
                 state: WorkerState::Starting {
                     ready_by: now + self.config.ready_timeout,
                 },
@@ -200,6 +204,7 @@ impl Supervisor {
                 worker.slot
             );
         }
+        self.forget_checks(pid);
         // Connections it never received go to the other workers, first in line.
         let taken_back = self.dispatch.worker_gone(pid, &self.poller);
         if taken_back > 0 {

@@ -14,6 +14,8 @@
 //! pending connections; the supervisor tells it what happens to the fleet.
 
 mod backoff;
+mod canary;
+mod checks;
 mod commands;
 mod fleet;
 mod health;
@@ -97,6 +99,8 @@ pub struct Supervisor {
     status: status::StatusState,
     /// Processes workers left behind, being stopped.
     orphans: orphans::Orphans,
+    /// Active health checks of each worker.
+    checks: checks::ActiveChecks,
     /// What dispatch made of the last failed worker (a program accepting on a channel),
     /// repeated in `STATUS=` and at give-up until the slots start up again.
     diagnosis: Option<String>,
@@ -239,6 +243,7 @@ impl Supervisor {
             health: health::HealthState::default(),
             status: status::StatusState::default(),
             orphans: orphans::Orphans::default(),
+            checks: checks::ActiveChecks::default(),
             diagnosis: None,
         })
     }
@@ -296,6 +301,7 @@ impl Supervisor {
             }
             Token::Notify => self.read_notifications(),
             Token::Control => self.serve_control(),
+            Token::Probe(pid) => self.probe_event(pid),
             Token::Listener(_) | Token::Channel { .. } => {
                 let now = Instant::now();
                 self.dispatch.handle(token, &self.poller, now);
@@ -321,6 +327,7 @@ impl Supervisor {
         self.restart_due(now);
         self.advance_reload(now);
         self.replace_troubled(Some(now), now);
+        self.tick_checks(now);
         self.dispatch.flush(&self.poller, now);
         self.check_fleet();
         self.tick_health(now);
@@ -344,7 +351,7 @@ impl Supervisor {
                 }
             }
             Signal::SIGHUP => {
-                if let Err(e) = self.reload(now, None) {
+                if let Err(e) = self.reload(now, None, None) {
                     log::warn!("reload (SIGHUP) refused: {e}");
                 }
             }
@@ -357,6 +364,9 @@ impl Supervisor {
         let workers = self.workers.values().map(Worker::deadline);
         let slots = self.slots.iter().map(|s| s.restart_at);
         let reload = self.reload.as_ref().map(|r| r.deadline());
+        let checks = self
+            .checks
+            .next_deadline(|pid| self.workers.get(&pid).is_some_and(|w| w.ready()));
         workers
             .chain(slots)
             .chain([
@@ -365,6 +375,7 @@ impl Supervisor {
                 self.status.next_deadline(),
                 self.orphans.next_deadline(),
                 reload,
+                checks,
             ])
             .flatten()
             .min()

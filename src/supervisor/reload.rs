@@ -18,25 +18,28 @@ pub(super) type Waiter = u64;
 
 pub(super) struct Reload {
     /// The generation being started.
-    generation: u64,
+    pub(super) generation: u64,
     /// What to go back to if it fails.
-    old_config: Config,
-    old_command: spawn::Command,
-    old_generation: u64,
+    pub(super) old_config: Config,
+    pub(super) old_command: spawn::Command,
+    pub(super) old_generation: u64,
     /// Slots whose worker is still to be replaced, in order.
-    to_replace: VecDeque<usize>,
+    pub(super) to_replace: VecDeque<usize>,
     /// New workers started and not ready yet, by slot.
-    starting: BTreeMap<usize, Pid>,
-    deadline: Instant,
-    started: Instant,
+    pub(super) starting: BTreeMap<usize, Pid>,
+    pub(super) deadline: Instant,
+    pub(super) started: Instant,
     pub(super) waiters: Vec<Waiter>,
+    /// A canary rollout not promoted yet (canary.rs): the new generation is not applied, the
+    /// fields above describe the running one until the promotion.
+    pub(super) canary: Option<super::canary::Canary>,
 }
 
 impl Supervisor {
     /// The end of a reload, whatever its outcome. Protocol rule: `READY=1` closes the
     /// `RELOADING=1` sent at its start; before the fleet's first `READY=1` neither is sent,
     /// since a `READY=1` then would tell systemd the service is up too early.
-    fn reload_ended(&mut self, status: String, now: Instant) {
+    pub(super) fn reload_ended(&mut self, status: String, now: Instant) {
         if self.phase == Phase::Running {
             self.upstream.ready(&status);
         } else {
@@ -49,7 +52,7 @@ impl Supervisor {
 impl Reload {
     /// When the new generation must be ready, or is rolled back.
     pub(super) fn deadline(&self) -> Instant {
-        self.deadline
+        self.canary.as_ref().map_or(self.deadline, |c| c.deadline())
     }
 }
 
@@ -70,9 +73,22 @@ fn listener_plan(c: &Config) -> Vec<(String, Option<String>, &'static str)> {
 impl Supervisor {
     /// Start a reload (SIGHUP or `sockvisor reload`). An error means it was refused and the
     /// running fleet is untouched.
-    pub(super) fn reload(&mut self, now: Instant, waiter: Option<Waiter>) -> Result<(), String> {
+    /// `canary`: start with that many canary workers (`reload --canary N`; `None`: the new
+    /// configuration's `canary_workers`).
+    pub(super) fn reload(
+        &mut self,
+        now: Instant,
+        waiter: Option<Waiter>,
+        canary: Option<usize>,
+    ) -> Result<(), String> {
         if self.stopping() {
             return Err("sockvisor is stopping".to_string());
+        }
+        if let (Some(r), Some(_)) = (&self.reload, canary) {
+            return Err(format!(
+                "generation {} is being rolled out; ask for a canary once it is over",
+                r.generation
+            ));
         }
         if let Some(r) = &self.reload {
             // One reload at a time. This request runs when the current one ends, reading
@@ -91,7 +107,7 @@ impl Supervisor {
             self.upstream
                 .reloading("reloading: reading the configuration");
         }
-        let result = self.start_reload(now);
+        let result = self.start_reload(now, canary);
         match result {
             Ok(()) => {
                 self.reload
@@ -112,7 +128,7 @@ impl Supervisor {
 
     /// The reload requested while the previous one ran.
     fn start_queued_reload(&mut self, waiters: Vec<Waiter>, now: Instant) {
-        match self.reload(now, None) {
+        match self.reload(now, None, None) {
             Ok(()) => match self.reload.as_mut() {
                 Some(r) => r.waiters.extend(waiters),
                 None => self.queued_reload = Some(waiters),
@@ -121,7 +137,7 @@ impl Supervisor {
         }
     }
 
-    fn start_reload(&mut self, now: Instant) -> Result<(), String> {
+    fn start_reload(&mut self, now: Instant, canary: Option<usize>) -> Result<(), String> {
         let new = match config::load(&self.sources) {
             Ok(Invocation::Run(c)) => *c,
             Ok(_) => return Err("the command line no longer runs a fleet".to_string()),
@@ -137,6 +153,10 @@ impl Supervisor {
         }
         let command = spawn::Command::new(&new.command, new.user.as_deref(), new.group.as_deref())
             .map_err(|e| format!("command: {e}"))?;
+        let canary_workers = canary.unwrap_or(new.canary.workers);
+        if canary_workers > 0 {
+            return self.start_canary(new, command, canary_workers, now);
+        }
         let old_generation = self.generation;
         self.generation += 1;
         let workers = new.workers;
@@ -150,6 +170,7 @@ impl Supervisor {
             deadline: now + self.config.reload_timeout,
             started: now,
             waiters: Vec::new(),
+            canary: None,
         };
         if workers > self.slots.len() {
             self.slots.resize_with(workers, Default::default);
@@ -189,6 +210,10 @@ impl Supervisor {
         let Some(mut r) = self.reload.take() else {
             return;
         };
+        if r.canary.is_some() {
+            self.advance_canary(r, now);
+            return;
+        }
         let mut failure = None;
         for (slot, pid) in std::mem::take(&mut r.starting) {
             match self.workers.get(&pid) {
@@ -237,7 +262,7 @@ impl Supervisor {
     }
 
     /// `pid` (new generation) is ready: it becomes the slot's worker; the old one drains.
-    fn switch_slot(&mut self, slot: usize, pid: Pid, generation: u64, now: Instant) {
+    pub(super) fn switch_slot(&mut self, slot: usize, pid: Pid, generation: u64, now: Instant) {
         let old = self.slots[slot].current.replace(pid);
         self.slots[slot].restart_at = None;
         // A slot disabled by a fatal exit code serves again with the new generation.

@@ -2,7 +2,7 @@
 
 use super::fleet::Worker;
 use super::{Phase, Supervisor};
-use crate::control::{FleetStatus, ListenerStatus, WorkerStatus};
+use crate::control::{CheckStatus, FleetStatus, ListenerStatus, WorkerStatus};
 use std::time::{Duration, Instant};
 
 /// `STATUS=` is refreshed at most this often when only counters changed.
@@ -114,10 +114,12 @@ impl Supervisor {
     pub(super) fn fleet_status(&self, now: Instant) -> FleetStatus {
         let mut workers: Vec<&Worker> = self.workers.values().collect();
         workers.sort_by_key(|w| (w.slot, w.generation, w.started));
+        let canary = self.canary_status(now);
         let workers = workers
             .into_iter()
             .map(|w| {
                 let figures = self.dispatch.worker_figures(w.pid);
+                let checks = self.checks.figures(w.pid);
                 WorkerStatus {
                     slot: w.slot,
                     pid: w.pid.as_raw(),
@@ -129,6 +131,18 @@ impl Supervisor {
                     queued: figures.queued,
                     open: figures.open,
                     status: w.last_status.clone(),
+                    weight: w.weight,
+                    out_of_rotation: checks.is_some_and(|c| c.out_of_rotation),
+                    canary: canary
+                        .as_ref()
+                        .is_some_and(|c| c.pids.contains(&w.pid.as_raw())),
+                    health_check: checks.map(|c| CheckStatus {
+                        passes: c.passes,
+                        failures: c.failures,
+                        consecutive_passes: c.consecutive_passes,
+                        consecutive_failures: c.consecutive_failures,
+                        last: c.last.clone(),
+                    }),
                 }
             })
             .collect();
@@ -158,6 +172,7 @@ impl Supervisor {
             summary: self.summary(),
             workers,
             listeners,
+            canary,
         }
     }
 }

@@ -33,7 +33,8 @@ use super::group::{Key, SteeredGroup};
 use super::listener;
 use crate::activation::{Listener, SocketKind};
 use crate::dispatch::{
-    ListenerDispatch, ListenerFigures, Settings, Trouble, WorkerFigures, WorkerRef,
+    probe, ListenerDispatch, ListenerFigures, ProbeConn, Settings, Split, Trouble, WorkerFigures,
+    WorkerRef,
 };
 use crate::poller::{Poller, Token};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -56,6 +57,8 @@ struct Member {
     listener: OwnedFd,
     ready: bool,
     leaving: bool,
+    /// Not taken out by a failed active health check.
+    in_rotation: bool,
     /// Connections it had taken (selected minus still queued) at the last wedge check, and
     /// when that last moved.
     received_at_check: u64,
@@ -87,6 +90,8 @@ pub struct Steered {
     wedge_checked: Option<Instant>,
     /// Connections moved off the listeners of leaving or dead workers.
     taken_back: u64,
+    /// A canary's share (weights are then scaled so the canary's members get it).
+    split: Option<Split>,
 }
 
 impl Steered {
@@ -116,6 +121,7 @@ impl Steered {
                     troubles: Vec::new(),
                     wedge_checked: None,
                     taken_back: 0,
+                    split: None,
                 };
                 s.spare = Some((Key::worker(1).expect("1 is a worker key"), spare));
                 Ok(s)
@@ -208,34 +214,49 @@ impl Steered {
         Some(k)
     }
 
-    /// Give the kernel the current schedule: the ready workers by (slot, generation), or for
-    /// UDP with nobody ready, every worker that is not leaving.
+    /// Give the kernel the current schedule: the ready workers in the rotation by (slot,
+    /// generation), or for UDP with nobody ready, every worker that is not leaving. Equal
+    /// weights and no split: plain round robin; otherwise one cycle of smooth weighted round
+    /// robin ([`weighted_schedule`]).
     fn reschedule(&mut self, poller: Option<&Poller>) {
         if self.stopped {
             return;
         }
-        let mut ready: Vec<(usize, u64, Pid, Key)> = self
+        let mut ready: Vec<(usize, u64, Pid, Key, u32)> = self
             .members
             .values()
-            .filter(|m| m.ready && !m.leaving)
-            .map(|m| (m.worker.slot, m.worker.generation, m.worker.pid, m.key))
+            .filter(|m| m.ready && !m.leaving && m.in_rotation)
+            .map(|m| {
+                let w = &m.worker;
+                (w.slot, w.generation, w.pid, m.key, w.weight)
+            })
             .collect();
         if ready.is_empty() && self.datagram {
             ready = self
                 .members
                 .values()
                 .filter(|m| !m.leaving)
-                .map(|m| (m.worker.slot, m.worker.generation, m.worker.pid, m.key))
+                .map(|m| {
+                    let w = &m.worker;
+                    (w.slot, w.generation, w.pid, m.key, w.weight)
+                })
                 .collect();
         }
         ready.sort();
-        let keys: Vec<Key> = ready.iter().map(|r| r.3).collect();
+        let members: Vec<(Key, u64, u32)> = ready.iter().map(|r| (r.3, r.1, r.4)).collect();
         let was_empty = self.group.schedule_len() == 0;
-        if let Err(e) = self.group.set_ready(&keys) {
+        let result = match weighted_schedule(&members, self.split) {
+            None => {
+                let keys: Vec<Key> = members.iter().map(|m| m.0).collect();
+                self.group.set_ready(&keys)
+            }
+            Some(weights) => self.group.set_weighted(&weights),
+        };
+        if let Err(e) = result {
             log::error!("{}: cannot update the schedule: {e}", self.listener.name);
             return;
         }
-        if keys.is_empty() {
+        if members.is_empty() {
             self.stop_polling_anchor(poller);
             return;
         }
@@ -322,6 +343,73 @@ impl Steered {
     }
 }
 
+/// The weights of a schedule for `(key, generation, weight)` members, or `None` when plain
+/// round robin gives the same shares (equal weights, no split in effect). With a split that
+/// has members on both sides, each member's weight is scaled so that the canary's members
+/// together get exactly `permille` of the turns: a canary member's weight is multiplied by
+/// `permille x (the rest's total weight)`, another's by `(1000 - permille) x (the canary's
+/// total weight)`. (A split by client address is not possible here: see `set_split` in
+/// docs/canary.md; the supervisor refuses it under reuseport.)
+pub fn weighted_schedule(
+    members: &[(Key, u64, u32)],
+    split: Option<Split>,
+) -> Option<Vec<(Key, u32)>> {
+    let weight = |w: u32| u64::from(w.max(1));
+    let split = split.filter(|s| {
+        members.iter().any(|m| m.1 == s.generation) && members.iter().any(|m| m.1 != s.generation)
+    });
+    let Some(split) = split else {
+        let first = members.first().map(|m| weight(m.2));
+        if members.iter().all(|m| Some(weight(m.2)) == first) {
+            return None;
+        }
+        return Some(members.iter().map(|m| (m.0, m.2.max(1))).collect());
+    };
+    let p = u64::from(split.permille.min(1000));
+    let canary_total: u64 = members
+        .iter()
+        .filter(|m| m.1 == split.generation)
+        .map(|m| weight(m.2))
+        .sum();
+    let rest_total: u64 = members
+        .iter()
+        .filter(|m| m.1 != split.generation)
+        .map(|m| weight(m.2))
+        .sum();
+    let mut scaled: Vec<(Key, u64)> = members
+        .iter()
+        .map(|m| {
+            let factor = if m.1 == split.generation {
+                p * rest_total
+            } else {
+                (1000 - p) * canary_total
+            };
+            (m.0, weight(m.2) * factor)
+        })
+        .collect();
+    // Keep them in u32 (the schedule divides by their gcd and fits them in its length).
+    let divisor = scaled.iter().fold(0, |g, m| gcd(g, m.1)).max(1);
+    for m in &mut scaled {
+        m.1 /= divisor;
+    }
+    let max = scaled.iter().map(|m| m.1).max().unwrap_or(1);
+    let shrink = max.div_ceil(u64::from(u32::MAX)).max(1);
+    Some(
+        scaled
+            .into_iter()
+            .map(|(k, w)| (k, u32::try_from(w / shrink).unwrap_or(u32::MAX)))
+            .collect(),
+    )
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 impl ListenerDispatch for Steered {
     fn listener(&self) -> &Listener {
         &self.listener
@@ -372,6 +460,7 @@ impl ListenerDispatch for Steered {
                 listener,
                 ready: false,
                 leaving: false,
+                in_rotation: true,
                 received_at_check: 0,
                 progress_at: now,
             },
@@ -388,6 +477,62 @@ impl ListenerDispatch for Steered {
         if let Some(m) = self.members.get_mut(&pid) {
             m.ready = true;
             self.reschedule(None);
+        }
+    }
+
+    /// Out of the schedule (or back in). What is queued on its listener stays for it: it is
+    /// alive, and requeueing a listener a live program accepts on fails its `accept()`.
+    fn set_in_rotation(&mut self, pid: Pid, in_rotation: bool) {
+        if let Some(m) = self.members.get_mut(&pid) {
+            if m.in_rotation != in_rotation {
+                m.in_rotation = in_rotation;
+                self.reschedule(None);
+            }
+        }
+    }
+
+    fn set_split(&mut self, split: Option<Split>) {
+        if split != self.split {
+            self.split = split;
+            self.reschedule(None);
+        }
+    }
+
+    /// A TCP connection from loopback whose source port is pinned to the worker's key: the
+    /// program sends it to that worker's listener alone. The pin stays until
+    /// [`ListenerDispatch::close_probe`]: a probe left on a listener that closes is dropped
+    /// by the program, never moved to another worker (it would pass for the wrong one).
+    fn open_probe(&mut self, pid: Pid) -> Option<io::Result<ProbeConn>> {
+        if self.datagram || self.stopped {
+            return None;
+        }
+        let key = self.members.get(&pid)?.key;
+        let (fd, port, target) = match probe::bound_tcp_socket(self.listener.fd.as_fd()) {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Err(e) = self.group.pin_probe(port, key) {
+            return Some(Err(io::Error::other(format!("cannot pin the probe: {e}"))));
+        }
+        Some(match probe::start_connect(&fd, &target) {
+            Ok(connecting) => Ok(ProbeConn {
+                fd,
+                connecting,
+                route: Some(port),
+            }),
+            Err(e) => {
+                let _ = self.group.unpin_probe(port);
+                Err(e)
+            }
+        })
+    }
+
+    fn close_probe(&mut self, route: u16) {
+        if let Err(e) = self.group.unpin_probe(route) {
+            log::warn!(
+                "{}: cannot remove the probe route of port {route}: {e}",
+                self.listener.name
+            );
         }
     }
 
@@ -527,5 +672,66 @@ impl ListenerDispatch for Steered {
                 open: None,
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+    use crate::dispatch::reuseport::schedule::smooth_weighted;
+
+    fn key(n: u32) -> Key {
+        Key::worker(n).unwrap()
+    }
+
+    fn shares(members: &[(Key, u64, u32)], split: Option<Split>) -> Vec<usize> {
+        let w = weighted_schedule(members, split).expect("weighted");
+        let raw: Vec<(u32, u32)> = w.iter().map(|&(k, w)| (k.get(), w)).collect();
+        let cycle = smooth_weighted(&raw, 1024);
+        members
+            .iter()
+            .map(|m| cycle.iter().filter(|&&k| k == m.0.get()).count() * 1000 / cycle.len())
+            .collect()
+    }
+
+    #[test]
+    fn equal_weights_without_split_are_plain() {
+        let m = [(key(1), 1, 1), (key(2), 1, 1)];
+        assert_eq!(weighted_schedule(&m, None), None);
+        // a split with one side empty is no split
+        let s = Split {
+            generation: 2,
+            permille: 100,
+            by_client: false,
+        };
+        assert_eq!(weighted_schedule(&m, Some(s)), None);
+    }
+
+    #[test]
+    fn generation_weights_and_a_canary_share() {
+        // old weight 3, canary weight 1: 3:1
+        let m = [(key(1), 1, 3), (key(2), 2, 1)];
+        assert_eq!(shares(&m, None), [750, 250]);
+        // 10% to one canary beside three old workers, whatever the weights
+        let m = [
+            (key(1), 1, 1),
+            (key(2), 1, 1),
+            (key(3), 1, 1),
+            (key(4), 2, 5),
+        ];
+        let s = Split {
+            generation: 2,
+            permille: 100,
+            by_client: false,
+        };
+        assert_eq!(shares(&m, Some(s)), [300, 300, 300, 100]);
+        // two canary workers with 12.5%: 62 or 63 per mille each
+        let m = [(key(1), 1, 1), (key(2), 2, 1), (key(3), 2, 1)];
+        let s = Split {
+            generation: 2,
+            permille: 125,
+            by_client: false,
+        };
+        assert_eq!(shares(&m, Some(s)), [875, 62, 62]);
     }
 }
