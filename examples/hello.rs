@@ -12,6 +12,10 @@
 //! Env: HELLO_READY=1 (send READY=1), HELLO_READY_DELAY_MS=N, HELLO_WATCHDOG=1 (WATCHDOG=1 at
 //! WATCHDOG_USEC/2), HELLO_STATS_DIR or BENCH_STATS_DIR (on exit write "<conns> <reqs>" to
 //! $DIR/<pid>). SIGTERM: stop accepting, drain the channel, finish requests (at most 1 s), exit 0.
+//! Test knobs: HELLO_STATUS=500 (answer every request with that status), HELLO_EXIT_AFTER_MS=N
+//! (exit with status 3 after N ms: a crashing worker), HELLO_BREAK_DIR=DIR (before each
+//! request: if DIR/<worker id> exists and says `500`, answer 500; if it says `hang`, never
+//! answer: a worker that turns bad while it runs).
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -90,6 +94,9 @@ struct Server {
     reqs: u64,
     open: usize,
     draining: Option<Instant>,
+    /// HELLO_EXIT_AFTER_MS: exit with status 3 at the first moment after this that no
+    /// connection is open (a crash that loses no request: what sockvisor does is measured).
+    exit_at: Option<Instant>,
 }
 
 fn main() {
@@ -137,6 +144,7 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
         reqs: 0,
         open: 0,
         draining: None,
+        exit_at: None,
     };
     let mut listeners = Listeners::from_env()?;
     let all: Vec<(String, ListenerKind)> =
@@ -180,6 +188,10 @@ fn worker_main(reuseport: Option<Incoming>) -> io::Result<()> {
             s.add(Source::Timer(tfd))?;
         }
     }
+    s.exit_at = std::env::var("HELLO_EXIT_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     if env_on("HELLO_READY") {
         if let Some(ms) = std::env::var("HELLO_READY_DELAY_MS")
             .ok()
@@ -233,7 +245,13 @@ impl Server {
     fn run(&mut self) -> io::Result<()> {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
+            if let Some(t) = self.exit_at {
+                if Instant::now() >= t && self.open == 0 {
+                    std::process::exit(3);
+                }
+            }
             let timeout = match self.draining {
+                None if self.exit_at.is_some() => EpollTimeout::from(20u8),
                 None => EpollTimeout::NONE,
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -441,8 +459,47 @@ impl Server {
     }
 }
 
+/// How a broken worker answers (the test knobs in the module docs).
+enum Broken {
+    Status(u16),
+    Hang,
+}
+
+fn broken() -> Option<Broken> {
+    if let Some(code) = std::env::var("HELLO_STATUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&c| c != 200)
+    {
+        return Some(Broken::Status(code));
+    }
+    let dir = std::env::var_os("HELLO_BREAK_DIR")?;
+    let id = worker::worker_id()?;
+    let what = std::fs::read_to_string(std::path::Path::new(&dir).join(id.to_string())).ok()?;
+    match what.trim() {
+        "hang" => Some(Broken::Hang),
+        s => Some(Broken::Status(s.parse().unwrap_or(500))),
+    }
+}
+
 /// Answer every complete request in `c.buf`; `false`: close the connection.
 fn serve(c: &mut Conn, r: &Replies, draining: bool, reqs: &mut u64) -> bool {
+    if find(&c.buf, b"\r\n\r\n").is_some() {
+        match broken() {
+            Some(Broken::Hang) => {
+                c.buf.clear();
+                return true; // never answered
+            }
+            Some(Broken::Status(code)) => {
+                *reqs += 1;
+                let body = "broken\n";
+                let resp = format!("HTTP/1.1 {code} Broken\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = write_all(&mut c.c, resp.as_bytes());
+                return false;
+            }
+            None => {}
+        }
+    }
     if c.served == 0 && looks_like_http(&c.buf) == Some(false) {
         // a plain line client (nc, socat): the body, then close
         *reqs += 1;

@@ -473,7 +473,7 @@ pub(crate) const KEYS: &[Key] = &[
         kind: Kind::Duration,
         default: Default::Value("2s"),
         help: "check time limit",
-        doc: "a check not answered within this time fails (at most `health_check_interval`)",
+        doc: "a check not answered within this time fails (the next check starts `health_check_interval` after the start of the previous one, or when it ends if it took longer)",
         ..BASE
     },
     Key {

@@ -5,6 +5,8 @@
 //! writes the request line and reads the status line, within `health_check_timeout`.
 //!
 //! Rules (nginx's and HAProxy's passive/active split, per worker):
+//! - a new worker enters the rotation when its first check passes (a worker that answers
+//!   errors from the start never gets a client);
 //! - one failure takes the worker out of the rotation at once (`set_in_rotation(false)`: it
 //!   stays ready and keeps what it holds, and gets no new connection);
 //! - `health_check_passes` passes in a row put it back;
@@ -39,8 +41,11 @@ pub struct CheckFigures {
     pub failures: u64,
     pub consecutive_passes: u32,
     pub consecutive_failures: u32,
-    /// Out of the rotation since a failed check (until enough passes).
+    /// Out of the rotation: since a failed check (until enough passes), or since its start
+    /// until its first check passes.
     pub out_of_rotation: bool,
+    /// Its first check passed: it entered the rotation.
+    pub admitted: bool,
     /// The last outcome: `passed (HTTP 200, 3ms)`, `failed: HTTP 500`, ...
     pub last: Option<String>,
     /// How long the last check took (to its answer, or to its failure).
@@ -84,19 +89,30 @@ enum Outcome {
 }
 
 impl ActiveChecks {
-    /// `pid` was started with these settings; its first check is due once it is ready.
-    pub(super) fn worker_forked(&mut self, pid: Pid, settings: Option<HealthCheck>, now: Instant) {
-        if let Some(settings) = settings {
-            self.records.insert(
-                pid,
-                Record {
-                    settings,
-                    figures: CheckFigures::default(),
-                    next_at: now,
-                    in_flight: None,
+    /// `pid` was started with these settings; its first check is due once it is ready, and
+    /// it enters the rotation when that check passes (`true`: keep it out until then).
+    pub(super) fn worker_forked(
+        &mut self,
+        pid: Pid,
+        settings: Option<HealthCheck>,
+        now: Instant,
+    ) -> bool {
+        let Some(settings) = settings else {
+            return false;
+        };
+        self.records.insert(
+            pid,
+            Record {
+                settings,
+                figures: CheckFigures {
+                    out_of_rotation: true,
+                    ..CheckFigures::default()
                 },
-            );
-        }
+                next_at: now,
+                in_flight: None,
+            },
+        );
+        true
     }
 
     pub(super) fn figures(&self, pid: Pid) -> Option<&CheckFigures> {
@@ -365,7 +381,14 @@ impl Supervisor {
                 fig.consecutive_passes += 1;
                 fig.consecutive_failures = 0;
                 fig.last = Some(format!("passed: {what}"));
-                if fig.out_of_rotation && fig.consecutive_passes >= r.settings.passes {
+                if !fig.admitted {
+                    fig.admitted = true;
+                    fig.out_of_rotation = false;
+                    log::info!(
+                        "worker {slot} (pid {pid}) passed its first health check: in the rotation"
+                    );
+                    self.dispatch.set_in_rotation(pid, true);
+                } else if fig.out_of_rotation && fig.consecutive_passes >= r.settings.passes {
                     fig.out_of_rotation = false;
                     log::info!(
                         "worker {slot} (pid {pid}) passed {} health checks in a row: back in the rotation",
@@ -383,7 +406,11 @@ impl Supervisor {
                 if n >= r.settings.fails {
                     replace = Some(format!("failed {n} health checks in a row (last: {why})"));
                 }
-                if !fig.out_of_rotation {
+                if !fig.admitted {
+                    log::warn!(
+                        "worker {slot} (pid {pid}) failed its health check ({why}), {n} in a row; not in the rotation yet"
+                    );
+                } else if !fig.out_of_rotation {
                     fig.out_of_rotation = true;
                     log::warn!(
                         "worker {slot} (pid {pid}) failed its health check ({why}): out of the rotation"

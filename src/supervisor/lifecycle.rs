@@ -111,8 +111,12 @@ impl Supervisor {
             weight: self.config.weight,
         };
         self.dispatch.commit_worker(worker, &self.poller, now);
-        self.checks
-            .worker_forked(pid, self.config.health_check.clone(), now);
+        if self
+            .checks
+            .worker_forked(pid, self.config.health_check.clone(), now)
+        {
+            self.dispatch.set_in_rotation(pid, false);
+        }
         let ready_at_exec = self.config.ready == ReadyMode::Exec;
         self.workers.insert(
             pid,
