@@ -223,10 +223,13 @@ fn a_canary_at_10_percent_gets_10_percent_under_reuseport() {
     canary_at_10_percent("reuseport");
 }
 
+/// When a request ended, and its status and pid or its error.
+type Outcome = (Instant, Result<(u16, Option<i32>), String>);
+
 /// A client sending requests one after another until stopped; every outcome is kept.
 struct Load {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Instant, Result<(u16, Option<i32>), String>)>>>,
+    results: Arc<Mutex<Vec<Outcome>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -250,7 +253,7 @@ impl Load {
         }
     }
 
-    fn finish(mut self) -> Vec<(Instant, Result<(u16, Option<i32>), String>)> {
+    fn finish(mut self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -259,7 +262,7 @@ impl Load {
     }
 }
 
-fn failures(results: &[(Instant, Result<(u16, Option<i32>), String>)]) -> Vec<String> {
+fn failures(results: &[Outcome]) -> Vec<String> {
     results
         .iter()
         .filter(|(_, r)| !matches!(r, Ok((200, Some(_)))))
@@ -469,7 +472,7 @@ fn a_worker_turning_bad(dispatch: &'static str, how: &str) {
             && log.contains("out of the rotation"),
         "{log}"
     );
-    let failed: Vec<&(Instant, Result<(u16, Option<i32>), String>)> = results
+    let failed: Vec<&Outcome> = results
         .iter()
         .filter(|(_, r)| !matches!(r, Ok((200, Some(_)))))
         .collect();
@@ -496,11 +499,7 @@ fn a_worker_turning_bad(dispatch: &'static str, how: &str) {
     );
     // Every failure is the bad worker's: its error answer, or (hung) no answer.
     for (_, r) in &failed {
-        let ok = match (how, r) {
-            ("500", Ok((500, None))) => true,
-            ("hang", Err(_)) => true,
-            _ => false,
-        };
+        let ok = matches!((how, r), ("500", Ok((500, None))) | ("hang", Err(_)));
         assert!(ok, "a failure that is not the bad worker's: {r:?}");
     }
     let served_by_bad_after = results
@@ -548,4 +547,83 @@ fn canary_by_client_is_refused_under_reuseport_with_a_reason() {
         stderr.contains("canary_by = \"client\" needs a channel policy"),
         "{stderr}"
     );
+}
+
+/// `GET /pid` from a given loopback source address.
+fn get_pid_from(source: std::net::Ipv4Addr, port: u16) -> (u16, Option<i32>) {
+    use std::net::{Ipv4Addr, SocketAddr};
+    let sock = socket2_like_connect(
+        SocketAddr::from((source, 0)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+    );
+    let mut s = sock;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code: u16 = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    let pid = out
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| b.trim().parse().ok());
+    (code, pid)
+}
+
+/// A TCP connection from `source` (bound first) to `target`.
+fn socket2_like_connect(source: std::net::SocketAddr, target: std::net::SocketAddr) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let (std::net::SocketAddr::V4(s), std::net::SocketAddr::V4(t)) = (source, target) else {
+        panic!("IPv4 only");
+    };
+    bind(fd.as_raw_fd(), &SockaddrIn::from(s)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(t)).unwrap();
+    // SAFETY: a connected socket we own, handed to TcpStream which then owns it.
+    unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
+}
+
+#[test]
+fn a_canary_by_client_address_is_sticky_and_gets_its_share() {
+    let conf = Conf::new("round-robin");
+    conf.write(2, "", &[]);
+    let mut notify = NotifySocket::new();
+    let fleet = conf.start(&notify);
+    notify.wait_for("READY=1", T).expect("ready");
+    conf.write(
+        2,
+        "canary_workers = 1\ncanary_share = \"10%\"\ncanary_by = \"client\"\ncanary_observe = \"10min\"",
+        &[],
+    );
+    fleet.signal(libc::SIGHUP);
+    let status = wait_observing(&fleet);
+    assert_eq!(
+        status["canary"]["share"], "10% by client address",
+        "{status}"
+    );
+    let canary = pids_of_generation(&status, 2);
+    let port = fleet.port("web");
+    let (mut canary_clients, clients) = (0, 1000u32);
+    for i in 0..clients {
+        let source = std::net::Ipv4Addr::from(0x7f00_0000u32 + 0x100 + i * 7);
+        let first = get_pid_from(source, port);
+        let second = get_pid_from(source, port);
+        assert_eq!(first.0, 200);
+        let on_canary = |p: Option<i32>| canary.contains(&p.unwrap());
+        assert_eq!(
+            on_canary(first.1),
+            on_canary(second.1),
+            "client {source} moved"
+        );
+        canary_clients += u32::from(on_canary(first.1));
+    }
+    eprintln!("MEASURE canary 10% by client address: {canary_clients} of {clients} client addresses on the canary");
+    assert!(canary_clients.abs_diff(100) <= 35, "{canary_clients}");
 }

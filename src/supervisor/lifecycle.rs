@@ -232,6 +232,14 @@ impl Supervisor {
             return;
         }
         if !is_current {
+            // A new generation's worker before it took its slot (reload, canary): the
+            // reload decides.
+            log::warn!(
+                "worker {slot} (pid {pid}, generation {}) {} after {:.1}s",
+                worker.generation,
+                describe(status),
+                uptime.as_secs_f64()
+            );
             return;
         }
         if let WaitStatus::Exited(_, code) = status {
