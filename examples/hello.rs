@@ -477,6 +477,7 @@ fn broken() -> Option<Broken> {
     let id = worker::worker_id()?;
     let what = std::fs::read_to_string(std::path::Path::new(&dir).join(id.to_string())).ok()?;
     match what.trim() {
+        "" => None, // being written
         "hang" => Some(Broken::Hang),
         s => Some(Broken::Status(s.parse().unwrap_or(500))),
     }

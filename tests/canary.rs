@@ -315,11 +315,12 @@ fn canary_rolled_back(dispatch: &'static str, extra: &str, hello_env: &[&str], w
     assert_eq!(after["generation"], 1);
     assert_eq!(pids_of_generation(&after, 1), old);
     notify.wait_for("RELOADING=1", T).expect("RELOADING=1");
-    let seen = notify.all();
-    let reloading = seen.iter().position(|m| m.contains("RELOADING=1")).unwrap();
+    let reloading = notify.position("RELOADING=1").unwrap();
+    let ready = notify.wait_from(reloading + 1, "READY=1", T);
     assert!(
-        seen[reloading..].iter().any(|m| m.contains("READY=1")),
-        "READY=1 after RELOADING=1: {seen:?}"
+        ready.is_some(),
+        "READY=1 after RELOADING=1: {:?}",
+        notify.all()
     );
 }
 
@@ -402,19 +403,12 @@ fn a_healthy_canary_is_promoted() {
         log.contains("passed its observation; promoting it"),
         "{log}"
     );
-    let seen = notify.all();
-    let reloading = seen
-        .iter()
-        .position(|m| m.contains("RELOADING=1"))
-        .expect("RELOADING=1");
-    let ready = seen[reloading..]
-        .iter()
-        .position(|m| m.contains("READY=1"))
+    notify.wait_for("RELOADING=1", T).expect("RELOADING=1");
+    let reloading = notify.position("RELOADING=1").unwrap();
+    let ready = notify
+        .wait_from(reloading + 1, "READY=1", T)
         .expect("READY=1 after RELOADING=1");
-    assert!(
-        seen[reloading + ready].contains("reloaded: generation 2"),
-        "{seen:?}"
-    );
+    assert!(ready.contains("reloaded: generation 2"), "{ready:?}");
 }
 
 /// A worker of a 3-worker fleet turns bad (answers 500, or stops answering) while a client
@@ -443,7 +437,9 @@ fn a_worker_turning_bad(dispatch: &'static str, how: &str) {
     let load = Load::start(port);
     std::thread::sleep(Duration::from_millis(300)); // traffic before
     let turned_bad = Instant::now();
-    std::fs::write(break_dir.path().join("1"), how).unwrap();
+    // Written beside, then renamed: the worker never reads half of it.
+    std::fs::write(break_dir.path().join("next"), how).unwrap();
+    std::fs::rename(break_dir.path().join("next"), break_dir.path().join("1")).unwrap();
     fleet.wait_until("the bad worker out of the rotation", T, || {
         workers(&fleet.status())
             .iter()

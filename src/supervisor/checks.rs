@@ -217,7 +217,12 @@ impl Supervisor {
                         "active health checks cannot run: no listener reaches one worker alone (they need a channel policy or reuseport on a TCP listener)"
                     );
                 }
-                self.checks.records.clear();
+                // Workers waiting for their first check would wait for ever: let them in.
+                for (pid, r) in std::mem::take(&mut self.checks.records) {
+                    if r.figures.out_of_rotation {
+                        self.dispatch.set_in_rotation(pid, true);
+                    }
+                }
                 return;
             }
             Some((_, Err(e))) => {

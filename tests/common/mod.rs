@@ -234,7 +234,7 @@ impl NotifySocket {
     /// Wait for a datagram (from index `from` on) with a line starting with `needle`. `None`
     /// after `timeout`; a panic, with sockvisor's exit status and log tail, when sockvisor
     /// is gone and did not send it.
-    fn wait_from(&mut self, from: usize, needle: &str, timeout: Duration) -> Option<String> {
+    pub fn wait_from(&mut self, from: usize, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.received;
         let mut all = lock.lock().unwrap();
