@@ -705,3 +705,97 @@ fn every_key_set_resolves() {
     assert_eq!(c.worker_watchdog, Some(Duration::from_secs(1)));
     assert!(c.control_socket_explicit);
 }
+
+/// Issue 16: canary and health check keys, and their errors.
+#[test]
+fn canary_and_health_check_keys() {
+    let c = run(
+        &[
+            "--canary-share",
+            "12.5%",
+            "--canary-by",
+            "client",
+            "--health-check",
+            "http",
+            "--health-check-request",
+            "GET /healthz HTTP/1.1",
+            "--",
+            "app",
+        ],
+        &[("SOCKVISOR_WEIGHT", "3"), ("SOCKVISOR_CANARY_WORKERS", "2")],
+    )
+    .unwrap();
+    assert_eq!(c.weight, 3);
+    assert_eq!(
+        c.canary,
+        CanaryConfig {
+            workers: 2,
+            share_permille: Some(125),
+            by_client: true,
+            observe: Duration::from_secs(60),
+        }
+    );
+    let h = c.health_check.unwrap();
+    assert_eq!(
+        h.kind,
+        CheckKind::Http {
+            request: "GET /healthz HTTP/1.1".into(),
+            status: 200
+        }
+    );
+    assert_eq!(
+        (h.interval, h.timeout, h.passes, h.fails),
+        (Duration::from_secs(5), Duration::from_secs(2), 2, 3)
+    );
+    let plain = run(&["--", "app"], &[]).unwrap();
+    assert_eq!(
+        (
+            plain.weight,
+            plain.canary.workers,
+            plain.canary.share_permille
+        ),
+        (1, 0, None)
+    );
+    assert!(plain.health_check.is_none());
+    let e = err(&["--canary-share", "150%", "--", "app"], &[]);
+    assert!(
+        e.contains("--canary-share") && e.contains("percentage"),
+        "{e}"
+    );
+    let e = err(&["--health-check", "udp", "--", "app"], &[]);
+    assert!(e.contains("use none or tcp or http"), "{e}");
+    let e = err(&["--weight", "0", "--", "app"], &[]);
+    assert!(e.contains("--weight"), "{e}");
+    let e = err(
+        &[
+            "--health-check",
+            "tcp",
+            "--health-check-timeout",
+            "0",
+            "--",
+            "app",
+        ],
+        &[],
+    );
+    assert!(
+        e.contains("health_check_timeout") || e.contains("--health-check-timeout"),
+        "{e}"
+    );
+}
+
+#[test]
+fn reload_takes_canary() {
+    let inv = load(&Sources {
+        args: args(&["reload", "--canary", "2", "--control", "/c.sock"]),
+        env: Vec::new(),
+    })
+    .unwrap();
+    match inv {
+        Invocation::Reload { canary, .. } => assert_eq!(canary, Some(2)),
+        other => panic!("{other:?}"),
+    }
+    let e = err(&["status", "--canary", "1"], &[]);
+    assert!(e.contains("only applies to `sockvisor reload`"), "{e}");
+    let e = err(&["reload", "--canary", "x"], &[]);
+    assert!(e.contains("--canary"), "{e}");
+}
