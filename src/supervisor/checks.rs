@@ -31,6 +31,8 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+/// A check that found no room for its probe (too many in flight) is tried again after this.
+const PROBE_RETRY: Duration = Duration::from_millis(20);
 /// The most bytes read from a probe before its status line must have arrived.
 const MAX_STATUS_LINE: usize = 1024;
 
@@ -222,6 +224,13 @@ impl Supervisor {
                     if r.figures.out_of_rotation {
                         self.dispatch.set_in_rotation(pid, true);
                     }
+                }
+                return;
+            }
+            Some((_, Err(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // No room for one more probe now (reuseport's probe routes): soon, uncounted.
+                if let Some(r) = self.checks.records.get_mut(&pid) {
+                    r.next_at = now + PROBE_RETRY;
                 }
                 return;
             }

@@ -512,7 +512,16 @@ impl ListenerDispatch for Steered {
             Err(e) => return Some(Err(e)),
         };
         if let Err(e) = self.group.pin_probe(port, key) {
-            return Some(Err(io::Error::other(format!("cannot pin the probe: {e}"))));
+            // The probe routes are few (64 at once): a full table is not the worker's fault.
+            let kind = if e.errno == libc::E2BIG || e.errno == libc::ENOSPC {
+                io::ErrorKind::WouldBlock
+            } else {
+                io::ErrorKind::Other
+            };
+            return Some(Err(io::Error::new(
+                kind,
+                format!("cannot pin the probe: {e}"),
+            )));
         }
         Some(match probe::start_connect(&fd, &target) {
             Ok(connecting) => Ok(ProbeConn {
