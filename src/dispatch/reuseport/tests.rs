@@ -78,6 +78,18 @@ fn tcp_listener(addr: SocketAddr, reuseport: bool) -> TcpListener {
     if addr.is_ipv6() {
         setsockopt(&s, sockopt::Ipv6V6Only, &false).unwrap();
     }
+    // Port 0 is resolved first and bound by number, as sockvisor does: a socket whose port the
+    // kernel picked is not port-locked, and a requeue (shutdown + listen) would release it.
+    let mut addr = addr;
+    if addr.port() == 0 {
+        addr.set_port(
+            TcpListener::bind(addr)
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        );
+    }
     bind(s.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
     listen(&s, Backlog::new(128).unwrap()).unwrap();
     let l = TcpListener::from(s);
