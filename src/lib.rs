@@ -17,8 +17,9 @@
 //!    `main` and read from a signalfd; nothing runs in a signal handler. Children get an
 //!    empty mask and default dispositions before exec.
 //! 3. **Nothing leaks into workers.** Every fd sockvisor opens is `O_CLOEXEC`; a worker gets
-//!    exactly fds 0-2 and its listeners at 3.., the soft fd limit sockvisor started with, and
-//!    a process group of its own. Its environment is built explicitly: systemd's
+//!    exactly fds 0-2 and its listeners at 3.. (and, with `messages = true`, its message
+//!    socket right after them), the soft fd limit sockvisor started with, and a process
+//!    group of its own. Its environment is built explicitly: systemd's
 //!    `NOTIFY_SOCKET`, `WATCHDOG_*` and `LISTEN_*` never reach it.
 //! 4. **Everything between fork and exec is prepared before fork** (`spawn`): argv, envp with
 //!    a `LISTEN_PID` placeholder patched through pointers prepared with it, fd plan,
@@ -49,6 +50,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod logging;
+pub mod messages;
 pub mod notify_server;
 pub mod poller;
 pub mod protocol;

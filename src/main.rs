@@ -43,8 +43,104 @@ fn main() -> ExitCode {
         Ok(Invocation::Scale { control, workers }) => {
             client(&control, control::Request::Scale { workers }, false)
         }
+        Ok(Invocation::Signal {
+            control,
+            signal,
+            slot,
+            generation,
+        }) => client(
+            &control,
+            control::Request::Signal {
+                signal,
+                slot,
+                generation,
+            },
+            false,
+        ),
+        Ok(Invocation::Send {
+            control,
+            slot,
+            payload,
+        }) => client(
+            &control,
+            control::Request::Send {
+                slot,
+                payload: Some(payload),
+                payload_base64: None,
+            },
+            false,
+        ),
+        Ok(Invocation::Messages { control, json }) => follow_messages(&control, json),
     };
     ExitCode::from(code as u8)
+}
+
+/// `sockvisor messages --follow`: print each message a worker sends to the operator, one
+/// line each (`--json`: the event as sockvisor sent it), until sockvisor goes away.
+fn follow_messages(path: &std::path::Path, json: bool) -> i32 {
+    use std::io::Write;
+    let request = control::Request::Messages { follow: true };
+    let mut out = std::io::stdout();
+    let mut reader_gone = false;
+    // A write error (the reader went away: `| head -1`) ends the command.
+    let printed = control::follow(path, &request, Duration::from_secs(30), |event| {
+        let written = if json {
+            let line = serde_json::to_string(&event).unwrap_or_default();
+            writeln!(out, "{line}").is_ok()
+        } else {
+            print_event(&mut out, event)
+        };
+        reader_gone = !written;
+        written
+    });
+    match printed {
+        Ok(reply) if reply.ok => {
+            if !reader_gone {
+                eprintln!("sockvisor: the fleet closed the connection (it stopped)");
+            }
+            0
+        }
+        Ok(reply) => {
+            eprintln!(
+                "sockvisor: {}",
+                printable(reply.error.as_deref().unwrap_or("request failed"))
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("sockvisor: {e}");
+            1
+        }
+    }
+}
+
+/// One event of `messages --follow` as a line; false when stdout is gone.
+fn print_event(out: &mut impl std::io::Write, event: control::Event) -> bool {
+    match event {
+        control::Event::Message {
+            from,
+            payload,
+            payload_base64,
+        } => {
+            let text = match (payload, payload_base64) {
+                (Some(text), _) => printable(&text),
+                (None, Some(b64)) => format!("base64:{b64}"),
+                (None, None) => String::new(),
+            };
+            writeln!(
+                out,
+                "slot {} (pid {}, generation {}): {text}",
+                from.slot, from.pid, from.generation
+            )
+            .is_ok()
+        }
+        control::Event::Dropped { count } => {
+            eprintln!(
+                "sockvisor: {count} messages were not shown: this command did not read them fast enough"
+            );
+            true
+        }
+    }
 }
 
 /// Send one request to a running sockvisor and print the answer (with no control

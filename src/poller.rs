@@ -30,6 +30,8 @@ pub enum Token {
     },
     /// The active health check connection of a worker (one at a time per worker).
     Probe(Pid),
+    /// A worker's message socket (`messages = true`), by worker pid.
+    Messages(Pid),
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -45,6 +47,7 @@ impl Token {
             Token::Listener(i) => (5, i, 0),
             Token::Channel { listener, pid } => (6, listener, pid.as_raw()),
             Token::Probe(pid) => (7, 0, pid.as_raw()),
+            Token::Messages(pid) => (8, 0, pid.as_raw()),
         };
         debug_assert!(listener <= MAX_LISTENERS);
         kind << KIND_SHIFT | (listener as u64 & 0xffff) << LISTENER_SHIFT | u64::from(pid as u32)
@@ -61,6 +64,7 @@ impl Token {
             5 => Token::Listener(listener),
             6 => Token::Channel { listener, pid },
             7 => Token::Probe(pid),
+            8 => Token::Messages(pid),
             _ => return None,
         })
     }
@@ -103,6 +107,17 @@ impl Poller {
         }
     }
 
+    /// Change what `fd` (registered with `token`) is waited for: `EPOLLIN`, and `EPOLLOUT`
+    /// too when `writable` (level-triggered both).
+    pub fn set_writable(&self, fd: impl AsFd, token: Token, writable: bool) -> nix::Result<()> {
+        let mut flags = EpollFlags::EPOLLIN;
+        if writable {
+            flags |= EpollFlags::EPOLLOUT;
+        }
+        self.epoll
+            .modify(fd, &mut EpollEvent::new(flags, token.encode()))
+    }
+
     /// Stop waiting on `fd`; an fd that is not registered is fine.
     pub fn unregister(&self, fd: impl AsFd) {
         let _ = self.epoll.delete(fd);
@@ -128,6 +143,9 @@ mod tests {
         let listeners = [0, 1, 255, 256, 257, 1024, MAX_LISTENERS];
         let mut all = vec![Token::Signal, Token::Timer, Token::Notify, Token::Control];
         all.extend(pids.iter().map(|&p| Token::Probe(Pid::from_raw(p))));
+        for &p in &pids {
+            all.push(Token::Messages(Pid::from_raw(p)));
+        }
         for &l in &listeners {
             all.push(Token::Listener(l));
             for &p in &pids {

@@ -178,8 +178,11 @@ impl Command {
 
 /// What one worker gets besides the command.
 pub struct WorkerSetup<'a> {
-    /// Placed at fds 3, 4, ... in this order.
+    /// Placed at fds 3, 4, ... in this order; `LISTEN_FDS` counts them.
     pub fds: &'a [BorrowedFd<'a>],
+    /// Placed right after `fds`, in this order, and not counted in `LISTEN_FDS` (the
+    /// message socket, announced by a variable of its own in `env`).
+    pub extra_fds: &'a [BorrowedFd<'a>],
     /// `LISTEN_FDNAMES`, colon-separated, one per fd.
     pub fd_names: &'a str,
     /// Extra `KEY=VALUE` pairs (`SOCKVISOR_WORKER_ID`, `NOTIFY_SOCKET`, `WATCHDOG_USEC`).
@@ -242,6 +245,7 @@ fn prepare(cmd: &Command, setup: &WorkerSetup<'_>) -> Prepared {
         .collect();
     let mut pid_slots = Vec::new();
     let n = setup.fds.len();
+    let placed = n + setup.extra_fds.len();
     envp_storage.push(format!("LISTEN_FDS={n}\0").into_bytes());
     envp_storage.push(format!("LISTEN_FDNAMES={}\0", setup.fd_names).into_bytes());
     for key in ["LISTEN_PID"]
@@ -272,8 +276,13 @@ fn prepare(cmd: &Command, setup: &WorkerSetup<'_>) -> Prepared {
         _envp_storage: envp_storage,
         envp,
         pid_digits,
-        fds: setup.fds.iter().map(|f| f.as_raw_fd()).collect(),
-        temp_fds: vec![-1; n],
+        fds: setup
+            .fds
+            .iter()
+            .chain(setup.extra_fds)
+            .map(|f| f.as_raw_fd())
+            .collect(),
+        temp_fds: vec![-1; placed],
         parent: nix::unistd::getpid().as_raw(),
         nofile: WORKER_NOFILE.get().copied(),
     }
@@ -461,6 +470,7 @@ mod tests {
         let env = [("SOCKVISOR_WORKER_ID", "3".to_string())];
         let setup = WorkerSetup {
             fds: &[],
+            extra_fds: &[],
             fd_names: "",
             env: &env,
             watchdog_pid: true,

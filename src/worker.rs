@@ -30,9 +30,14 @@
 //! ```
 //!
 //! The wire protocol is in docs/protocol.md; [`crate::protocol`] is its code.
+//!
+//! With `messages = true`, [`Messages`] talks to the operator and the other workers
+//! (docs/messages.md).
+
+pub use crate::messages::{Address, Message, Messages};
 
 use crate::dispatch::sys;
-use crate::protocol::{Message, MSG_LEN};
+use crate::protocol::{Message as ChannelMessage, MSG_LEN};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::socket::{
@@ -453,8 +458,8 @@ impl Incoming {
                 self.name
             );
         }
-        match Message::decode(&buf[..got.bytes.min(buf.len())]) {
-            Ok(Message::Connection { report_close, .. }) => match got.fds.take_first() {
+        match ChannelMessage::decode(&buf[..got.bytes.min(buf.len())]) {
+            Ok(ChannelMessage::Connection { report_close, .. }) => match got.fds.take_first() {
                 // any further fd in `got.fds` is closed when it drops
                 Some(fd) => {
                     if report_close && !self.announced.swap(true, Ordering::Relaxed) {
@@ -548,13 +553,13 @@ pub struct CloseReport {
 }
 
 fn announce_reports(channel: BorrowedFd<'_>) {
-    let msg = Message::Closed { count: 0 }.encode();
+    let msg = ChannelMessage::Closed { count: 0 }.encode();
     let _ = sys::send(channel, &msg, None, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
 }
 
 impl Drop for CloseReport {
     fn drop(&mut self) {
-        let msg = Message::Closed { count: 1 }.encode();
+        let msg = ChannelMessage::Closed { count: 1 }.encode();
         let _ = sys::send(
             self.channel.as_fd(),
             &msg,

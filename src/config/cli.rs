@@ -1,11 +1,14 @@
-//! The command line: the top layer, and the client commands (`status`, `reload`, `scale`).
-//! Flags come from the table of keys; only `-c`, `-h`, `-V` and `--json` are not keys.
+//! The command line: the top layer, and the client commands (`status`, `reload`, `scale`,
+//! `signal`, `send`, `messages`). Flags come from the table of keys; only `-c`, `-h`, `-V`
+//! and the client commands' own (`--json`, `--slot`, `--generation`, `--follow`) are not
+//! keys.
 
 use super::keys::{self, KEYS};
 use super::layers::{Layer, Origin, RawListener};
 use super::resolve::WORKERS_CEILING;
 use super::values::{got, is_port_spec, parse_count, parse_listen, Value, LISTEN_FORMS};
 use super::{check_listener_name, ConfigError};
+use crate::control::WorkerSignal;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -20,9 +23,45 @@ pub(crate) struct Cli {
 
 #[derive(Debug)]
 pub(crate) enum Sub {
-    Status { json: bool },
-    Reload { canary: Option<usize> },
-    Scale { workers: usize },
+    Status {
+        json: bool,
+    },
+    Reload {
+        canary: Option<usize>,
+    },
+    Scale {
+        workers: usize,
+    },
+    Signal {
+        signal: String,
+        slot: Option<usize>,
+        generation: Option<u64>,
+    },
+    Send {
+        slot: Option<usize>,
+        payload: String,
+    },
+    Messages {
+        json: bool,
+    },
+}
+
+/// The client commands, and the flags of their own each takes (with a value, but
+/// `--json` and `--follow`).
+const SUBCOMMANDS: &[(&str, &[&str])] = &[
+    ("status", &["--json"]),
+    ("reload", &["--canary"]),
+    ("scale", &[]),
+    ("signal", &["--slot", "--generation"]),
+    ("send", &["--slot"]),
+    ("messages", &["--follow", "--json"]),
+];
+
+fn sub_flags(sub: &str) -> &'static [&'static str] {
+    SUBCOMMANDS
+        .iter()
+        .find(|(name, _)| *name == sub)
+        .map_or(&[], |(_, flags)| *flags)
 }
 
 fn usage(flag: &str, message: impl Into<String>, fix: impl Into<String>) -> ConfigError {
@@ -35,8 +74,31 @@ fn long_flags() -> Vec<&'static str> {
         .iter()
         .flat_map(|k| k.flag.into_iter().chain(k.aliases.iter().copied()))
         .collect();
-    v.extend(["--config", "--help", "--version", "--json", "--canary"]);
+    v.extend(["--config", "--help", "--version"]);
+    v.extend(
+        SUBCOMMANDS
+            .iter()
+            .flat_map(|(_, flags)| flags.iter().copied()),
+    );
     v
+}
+
+/// A flag's value: given inline (`--flag=VALUE`), or the next argument (taken).
+fn flag_value(
+    inline: Option<String>,
+    args: &[String],
+    next: &mut usize,
+    flag: &str,
+    example: String,
+) -> Result<String, ConfigError> {
+    if let Some(v) = inline {
+        return Ok(v);
+    }
+    let v = args
+        .get(*next)
+        .ok_or_else(|| usage(flag, "needs a value", example))?;
+    *next += 1;
+    Ok(v.clone())
 }
 
 pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
@@ -58,22 +120,40 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
     let mut i = 0;
     // In a subcommand, only these apply.
     let mut sub_name: Option<String> = None;
-    let mut scale_n: Option<String> = None;
+    // The positional argument of `scale N`, `signal SIGNAL`, `send PAYLOAD`.
+    let mut sub_arg: Option<String> = None;
     let mut json = false;
     let mut canary: Option<usize> = None;
+    let mut follow = false;
+    let mut slot: Option<usize> = None;
+    let mut generation: Option<u64> = None;
     let mut command: Option<Vec<String>> = None;
     while i < strs.len() {
         let arg = strs[i].clone();
         i += 1;
         if arg == "--" {
-            if sub_name.is_none() {
-                command = Some(strs[i..].to_vec());
+            match sub_name.as_deref() {
+                None => command = Some(strs[i..].to_vec()),
+                // `send -- -PAYLOAD`: what follows is the argument, even if it starts with -.
+                Some("send" | "signal" | "scale") if sub_arg.is_none() && i < strs.len() => {
+                    sub_arg = Some(strs[i].clone());
+                    i += 1;
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if i < strs.len() && sub_name.is_some() {
+                return Err(usage(
+                    sub_name.as_deref().unwrap_or(""),
+                    format!("unexpected argument {}", got(&strs[i])),
+                    "see sockvisor --help",
+                ));
             }
             break;
         }
         if !arg.starts_with('-') || arg == "-" {
             match (&sub_name, arg.as_str()) {
-                (None, "status" | "reload" | "scale") => {
+                (None, s) if SUBCOMMANDS.iter().any(|(name, _)| *name == s) => {
                     sub_name = Some(arg);
                     continue;
                 }
@@ -81,8 +161,10 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
                     command = Some(strs[i - 1..].to_vec());
                     break;
                 }
-                (Some(s), _) if s == "scale" && scale_n.is_none() => {
-                    scale_n = Some(arg);
+                (Some(s), _)
+                    if matches!(s.as_str(), "scale" | "signal" | "send") && sub_arg.is_none() =>
+                {
+                    sub_arg = Some(arg);
                     continue;
                 }
                 (Some(s), _) => {
@@ -119,41 +201,39 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
                 cli.version = true;
                 continue;
             }
-            "--canary" => {
-                if sub_name.as_deref() != Some("reload") {
+            f @ ("--json" | "--follow" | "--slot" | "--generation" | "--canary") => {
+                let Some(sub) = sub_name.as_deref().filter(|s| sub_flags(s).contains(&f)) else {
+                    let takers: Vec<String> = SUBCOMMANDS
+                        .iter()
+                        .filter(|(_, flags)| flags.contains(&f))
+                        .map(|(name, _)| format!("`sockvisor {name}`"))
+                        .collect();
                     return Err(usage(
-                        "--canary",
-                        "only applies to `sockvisor reload`",
-                        "use sockvisor reload --canary N",
+                        f,
+                        format!("only applies to {}", takers.join(" and ")),
+                        "see sockvisor --help",
                     ));
+                };
+                match f {
+                    "--json" => json = true,
+                    "--follow" => follow = true,
+                    _ => {
+                        let example = format!("give it as {f} N, e.g. sockvisor {sub} {f} 0");
+                        let value = flag_value(inline, &strs, &mut i, f, example)?;
+                        // A canary of more workers than any fleet may have is refused here.
+                        let max = if f == "--canary" {
+                            WORKERS_CEILING
+                        } else {
+                            usize::MAX
+                        };
+                        let n = parse_count(&value, 0, max).map_err(|(m, x)| usage(f, m, x))?;
+                        match f {
+                            "--slot" => slot = Some(n),
+                            "--canary" => canary = Some(n),
+                            _ => generation = Some(n as u64),
+                        }
+                    }
                 }
-                let n = inline.or_else(|| {
-                    let v = strs.get(i).cloned();
-                    i += 1;
-                    v
-                });
-                let n = n.ok_or_else(|| {
-                    usage(
-                        "--canary",
-                        "needs a worker count",
-                        "use sockvisor reload --canary 1",
-                    )
-                })?;
-                canary = Some(
-                    parse_count(&n, 0, WORKERS_CEILING)
-                        .map_err(|(m, f)| usage("--canary", m, f))?,
-                );
-                continue;
-            }
-            "--json" => {
-                if sub_name.as_deref() != Some("status") {
-                    return Err(usage(
-                        "--json",
-                        "only applies to `sockvisor status`",
-                        "use sockvisor status --json",
-                    ));
-                }
-                json = true;
                 continue;
             }
             "-c" | "--config" => None,
@@ -176,21 +256,14 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
             },
         };
         let canonical = key.and_then(|k| k.flag).unwrap_or("--config");
+        let switch = key.is_some_and(|k| k.kind == keys::Kind::Switch);
         let value = match inline {
-            Some(v) => v,
-            None => match strs.get(i) {
-                Some(v) => {
-                    i += 1;
-                    v.clone()
-                }
-                None => {
-                    return Err(usage(
-                        canonical,
-                        "needs a value",
-                        format!("give it as {canonical} VALUE or {canonical}=VALUE"),
-                    ))
-                }
-            },
+            // `--messages` alone turns it on (`--messages=false` turns it off).
+            None if switch => "true".to_string(),
+            inline => {
+                let example = format!("give it as {canonical} VALUE or {canonical}=VALUE");
+                flag_value(inline, &strs, &mut i, canonical, example)?
+            }
         };
         if sub_name.is_some() && !matches!(key.map(|k| k.name), None | Some("control_socket")) {
             return Err(usage(
@@ -249,8 +322,51 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
         None => None,
         Some("status") => Some(Sub::Status { json }),
         Some("reload") => Some(Sub::Reload { canary }),
+        Some("signal") => {
+            let signal = sub_arg.ok_or_else(|| {
+                usage(
+                    "signal",
+                    "needs a signal",
+                    "use sockvisor signal SIGNAL [--slot N | --generation G], e.g. sockvisor signal SIGUSR1",
+                )
+            })?;
+            // Checked here too, so that a typo is reported before anything is sent.
+            WorkerSignal::parse(&signal).map_err(|m| usage("signal", m, ""))?;
+            Some(Sub::Signal {
+                signal,
+                slot,
+                generation,
+            })
+        }
+        Some("send") => {
+            let payload = sub_arg.ok_or_else(|| {
+                usage(
+                    "send",
+                    "needs a payload",
+                    "use sockvisor send [--slot N] PAYLOAD, e.g. sockvisor send --slot 0 reopen-logs",
+                )
+            })?;
+            if payload.len() > crate::messages::wire::MAX_PAYLOAD {
+                return Err(usage(
+                    "send",
+                    crate::messages::wire::TooLarge(payload.len()).to_string(),
+                    "send less, or split it into several messages",
+                ));
+            }
+            Some(Sub::Send { slot, payload })
+        }
+        Some("messages") => {
+            if !follow {
+                return Err(usage(
+                    "messages",
+                    "needs --follow (it prints the messages workers send to the operator as they come; the counters are in sockvisor status)",
+                    "use sockvisor messages --follow",
+                ));
+            }
+            Some(Sub::Messages { json })
+        }
         Some(_) => {
-            let n = scale_n.ok_or_else(|| {
+            let n = sub_arg.ok_or_else(|| {
                 usage(
                     "scale",
                     "needs a worker count",

@@ -33,10 +33,10 @@ fn option_line(left: &str, text: &str, tail: Option<&str>) -> String {
 }
 
 fn key_option(key: &Key) -> Option<String> {
-    let flag = key.flag?;
+    let flag = flag_with_arg(key)?;
     let left = match key.short {
-        Some(c) => format!("  -{c}, {flag} {}", key.arg),
-        None => format!("      {flag} {}", key.arg),
+        Some(c) => format!("  -{c}, {flag}"),
+        None => format!("      {flag}"),
     };
     // Unset keys are off or empty by default: nothing to say.
     let default = match key.default {
@@ -66,6 +66,9 @@ Usage:
   sockvisor status [--json] [--control PATH] [-c FILE]
   sockvisor reload [--control PATH] [-c FILE]
   sockvisor scale N [--control PATH] [-c FILE]
+  sockvisor signal SIGNAL [--slot N] [--generation G] [--control PATH] [-c FILE]
+  sockvisor send [--slot N] [--] PAYLOAD [--control PATH] [-c FILE]
+  sockvisor messages --follow [--json] [--control PATH] [-c FILE]
 
 sockvisor takes its sockets from systemd (LISTEN_FDS/LISTEN_FDNAMES) or binds
 the --listen addresses itself, forks the workers, shares datagram sockets with
@@ -88,7 +91,16 @@ Commands (talk to a running sockvisor over its control socket):
   reload                      re-read the config and replace the workers in a
                               new generation (also: systemctl reload, SIGHUP)
   scale N                     change the number of workers
-To run a program literally called status, reload or scale, put it after `--`.
+  signal SIGNAL               send SIGNAL (SIGUSR1, usr1, 10, ...) to
+                              every worker, or those of --slot N or
+                              --generation G; prints the pids it reached.
+                              SIGKILL and SIGSTOP are refused
+  send [--slot N] PAYLOAD     a message to the worker of slot N, or to every
+                              worker (needs messages = true, docs/messages.md)
+  messages --follow [--json]  print the messages workers send to the operator
+                              as they come (--json: one JSON object a line)
+To run a program literally called status, reload, scale, signal, send or
+messages, put it after `--`.
 
 The control socket is --control/control_socket; else runtime_dir/control.sock;
 else $RUNTIME_DIRECTORY/control.sock; else /run/sockvisor/INSTANCE.sock as root;
@@ -104,7 +116,9 @@ Environment:
 {config_env}{log_env}  LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID, NOTIFY_SOCKET, WATCHDOG_USEC
                               set by systemd; never passed on to workers
 Workers get LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (their own),
-SOCKVISOR_WORKER_ID (their slot, 0..N-1) and NOTIFY_SOCKET (sockvisor's).
+SOCKVISOR_WORKER_ID (their slot, 0..N-1) and NOTIFY_SOCKET (sockvisor's); with
+messages = true also SOCKVISOR_MESSAGES_FD (their message socket, the fd after
+the LISTEN_FDS ones).
 
 Exit status:
   0    clean stop
@@ -126,9 +140,19 @@ See docs/config.md for the config file.
     )
 }
 
+/// `--workers N`; a switch's value is optional, so it is attached: `--messages[=BOOL]`.
+fn flag_with_arg(key: &Key) -> Option<String> {
+    let sep = if key.kind == keys::Kind::Switch {
+        ""
+    } else {
+        " "
+    };
+    Some(format!("{}{sep}{}", key.flag?, key.arg))
+}
+
 /// `-w, --workers N` as Markdown: `` `-w`, `--workers N` ``.
 fn doc_flag(key: &Key) -> String {
-    let Some(flag) = key.flag else {
+    let Some(flag) = flag_with_arg(key) else {
         return format!("`[--] {}`", key.arg);
     };
     let mut s = String::new();
@@ -136,7 +160,7 @@ fn doc_flag(key: &Key) -> String {
         s.push_str(&format!("`-{c}`, "));
     }
     // A `|` would end the Markdown table's cell.
-    s.push_str(&format!("`{flag} {}`", key.arg.replace('|', "\\|")));
+    s.push_str(&format!("`{}`", flag.replace('|', "\\|")));
     if key.kind == keys::Kind::Listen {
         s.push_str(" (repeatable)");
     }
@@ -231,8 +255,8 @@ mod tests {
     fn help_lists_every_option_within_80_columns() {
         let help = help_text();
         for k in KEYS {
-            if let Some(flag) = k.flag {
-                assert!(help.contains(&format!("{flag} {}", k.arg)), "{flag}");
+            if let Some(flag) = flag_with_arg(k) {
+                assert!(help.contains(&flag), "{flag}");
             }
         }
         assert!(help.contains("-w, --workers N") && help.contains("-c, --config FILE"));

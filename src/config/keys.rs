@@ -29,6 +29,9 @@ pub(crate) enum Kind {
     Choice(&'static [&'static str]),
     /// A percentage (`10%`, `12.5`, kept in tenths of a percent), or `none`.
     OptPercent,
+    /// On or off: a TOML boolean, or `true`/`false`, `yes`/`no`, `on`/`off`, `1`/`0`. Its
+    /// flag may be given without a value (`--messages` is `--messages=true`).
+    Switch,
     /// Exit codes 0-255: a TOML array of integers, or a comma-separated list.
     ExitCodes,
     /// A program and its arguments: a TOML array of strings, or a string split on whitespace.
@@ -499,6 +502,18 @@ pub(crate) const KEYS: &[Key] = &[
         ..BASE
     },
     Key {
+        name: "messages",
+        env: "SOCKVISOR_MESSAGES",
+        flag: Some("--messages"),
+        arg: "[=BOOL]",
+        kind: Kind::Switch,
+        default: Default::Value("false"),
+        help: "give each worker a message socket (SOCKVISOR_MESSAGES_FD) for sockvisor send, \
+               messages --follow and messages between workers",
+        doc: "give each worker a message socket, announced by `SOCKVISOR_MESSAGES_FD` and not counted in `LISTEN_FDS`: `sockvisor send`, `sockvisor messages --follow`, messages between workers (docs/messages.md)",
+        ..BASE
+    },
+    Key {
         name: "control_socket",
         env: "SOCKVISOR_CONTROL_SOCKET",
         flag: Some("--control"),
@@ -550,7 +565,12 @@ pub(crate) const LOG_LEVEL: Setting = Setting {
 
 /// `SOCKVISOR_*` variables that are not configuration keys (read elsewhere, or set by
 /// sockvisor for its workers): no "unknown variable" warning for them.
-pub(crate) const ENV_NOT_KEYS: &[&str] = &[CONFIG_FILE.env, LOG_LEVEL.env, "SOCKVISOR_WORKER_ID"];
+pub(crate) const ENV_NOT_KEYS: &[&str] = &[
+    CONFIG_FILE.env,
+    LOG_LEVEL.env,
+    "SOCKVISOR_WORKER_ID",
+    crate::messages::MESSAGES_FD_VAR,
+];
 
 /// Keys of one `[[listen]]` table.
 pub(crate) const LISTEN_KEYS: &[&str] = &["name", "url", "dispatch"];

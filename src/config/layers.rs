@@ -172,6 +172,7 @@ fn scalar(v: &DeValue<'_>) -> Result<String, String> {
                 .map_err(|_| format!("integer {} out of range", i.as_str()))
         }
         DeValue::Float(f) => Ok(f.as_str().replace('_', "")),
+        DeValue::Boolean(b) => Ok(b.to_string()),
         other => Err(format!("expected a value, got {}", type_name(other))),
     }
 }
@@ -182,6 +183,7 @@ fn toml_shape(kind: Kind) -> &'static str {
         Kind::Command => "an array of strings or a string",
         Kind::ExitCodes => "an array of integers",
         Kind::Listen => "[[listen]] tables",
+        Kind::Switch => "true or false",
         _ => "a string or a number",
     }
 }
@@ -248,7 +250,8 @@ pub(crate) fn file_layer(path: &Path, src: &str) -> Result<Layer, ConfigError> {
                     .map(|item| file_listener(&ctx, item))
                     .collect::<Result<_, _>>()?,
             ),
-            (_, DeValue::String(_) | DeValue::Integer(_) | DeValue::Float(_)) => {
+            (Kind::Switch, DeValue::Boolean(_))
+            | (_, DeValue::String(_) | DeValue::Integer(_) | DeValue::Float(_)) => {
                 let s = scalar(v.get_ref()).map_err(|m| vat.err(name, m, ""))?;
                 values::parse(key.kind, &s, &vat).map_err(|(m, f)| vat.err(name, m, f))?
             }

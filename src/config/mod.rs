@@ -64,6 +64,21 @@ pub enum Invocation {
     },
     /// `sockvisor scale N`
     Scale { control: PathBuf, workers: usize },
+    /// `sockvisor signal SIGNAL [--slot N] [--generation G]` (the signal checked)
+    Signal {
+        control: PathBuf,
+        signal: String,
+        slot: Option<usize>,
+        generation: Option<u64>,
+    },
+    /// `sockvisor send [--slot N] PAYLOAD`
+    Send {
+        control: PathBuf,
+        slot: Option<usize>,
+        payload: String,
+    },
+    /// `sockvisor messages --follow [--json]`
+    Messages { control: PathBuf, json: bool },
     /// `--help`: the text to print.
     Help(String),
     /// `--version`
@@ -256,6 +271,8 @@ pub struct Config {
     /// `control_socket` was given (not derived): failing to bind it is an error.
     pub control_socket_explicit: bool,
     pub runtime_dir: Option<PathBuf>,
+    /// Give each worker a message socket (`SOCKVISOR_MESSAGES_FD`, docs/messages.md).
+    pub messages: bool,
 }
 
 /// A configuration or usage error. Its `Display` is the whole message the user sees.
@@ -407,6 +424,26 @@ fn load_with(
         Some(Sub::Status { json }) => return Ok(Invocation::Status { control, json }),
         Some(Sub::Reload { canary }) => return Ok(Invocation::Reload { control, canary }),
         Some(Sub::Scale { workers }) => return Ok(Invocation::Scale { control, workers }),
+        Some(Sub::Signal {
+            signal,
+            slot,
+            generation,
+        }) => {
+            return Ok(Invocation::Signal {
+                control,
+                signal,
+                slot,
+                generation,
+            })
+        }
+        Some(Sub::Send { slot, payload }) => {
+            return Ok(Invocation::Send {
+                control,
+                slot,
+                payload,
+            })
+        }
+        Some(Sub::Messages { json }) => return Ok(Invocation::Messages { control, json }),
         None => {}
     }
     resolve::resolve(layer, file, control).map(|c| Invocation::Run(Box::new(c)))

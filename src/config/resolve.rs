@@ -219,6 +219,7 @@ pub(crate) fn resolve(
         control_socket: Some(control),
         control_socket_explicit,
         runtime_dir: layer.take("runtime_dir").map(|a| a.v),
+        messages: value(&mut layer, "messages"),
     })
 }
 

@@ -371,6 +371,98 @@ fn subcommands() {
     assert!(err(&["--json", "app"], &[]).contains("only applies"));
 }
 
+/// Issue 16: `signal`, `send`, `messages --follow`, and the `messages` switch.
+#[test]
+fn signal_send_and_messages_commands() {
+    let sub = |a: &[&str]| {
+        load(&Sources {
+            args: args(a),
+            env: vec![],
+        })
+        .unwrap()
+    };
+    match sub(&["signal", "usr1", "--slot", "2", "--control", "/c.sock"]) {
+        Invocation::Signal {
+            control,
+            signal,
+            slot,
+            generation,
+        } => {
+            assert_eq!(control, PathBuf::from("/c.sock"));
+            assert_eq!((signal.as_str(), slot, generation), ("usr1", Some(2), None));
+        }
+        other => panic!("{other:?}"),
+    }
+    match sub(&["signal", "--generation=3", "SIGHUP"]) {
+        Invocation::Signal {
+            generation, slot, ..
+        } => assert_eq!((slot, generation), (None, Some(3))),
+        other => panic!("{other:?}"),
+    }
+    match sub(&["send", "--slot", "0", "reopen logs"]) {
+        Invocation::Send { slot, payload, .. } => {
+            assert_eq!((slot, payload.as_str()), (Some(0), "reopen logs"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A payload that starts with a dash comes after `--`.
+    match sub(&["send", "--", "-x"]) {
+        Invocation::Send { slot, payload, .. } => {
+            assert_eq!((slot, payload.as_str()), (None, "-x"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        sub(&["messages", "--follow", "--json"]),
+        Invocation::Messages { json: true, .. }
+    ));
+    for (a, want) in [
+        (&["signal"][..], "needs a signal"),
+        (&["signal", "SIGKILL"], "SIGKILL is refused"),
+        (&["signal", "SIGFOO"], "unknown signal"),
+        (&["signal", "usr1", "--slot", "x"], "--slot"),
+        (&["signal", "usr1", "--slot"], "needs a value"),
+        (&["send"], "needs a payload"),
+        (&["send", "a", "b"], "unexpected argument"),
+        (
+            &["send", "--generation", "1", "x"],
+            "only applies to `sockvisor signal`",
+        ),
+        (&["messages"], "needs --follow"),
+        (
+            &["status", "--follow"],
+            "only applies to `sockvisor messages`",
+        ),
+        (
+            &["--slot", "1", "app"],
+            "only applies to `sockvisor signal` and `sockvisor send`",
+        ),
+    ] {
+        let e = err(a, &[]);
+        assert!(e.contains(want), "{a:?}: {e}");
+    }
+    // The switch: alone, with a value, from the environment and the file.
+    assert!(run(&["--messages", "app"], &[]).unwrap().messages);
+    assert!(!run(&["--messages=no", "app"], &[]).unwrap().messages);
+    assert!(!run(&["app"], &[]).unwrap().messages);
+    assert!(
+        run(&["app"], &[("SOCKVISOR_MESSAGES", "on")])
+            .unwrap()
+            .messages
+    );
+    let e = err(&["app"], &[("SOCKVISOR_MESSAGES", "maybe")]);
+    assert!(e.contains("expected true or false"), "{e}");
+    let f = toml_file("command = \"app\"\nmessages = true\n");
+    assert!(
+        run(&["-c", f.path().to_str().unwrap()], &[])
+            .unwrap()
+            .messages
+    );
+    let f = toml_file("command = \"app\"\nmessages = [true]\n");
+    let e = err(&["-c", f.path().to_str().unwrap()], &[]);
+    assert!(e.contains("expected true or false"), "{e}");
+}
+
 #[test]
 fn control_socket_resolution() {
     let e = env(&[
@@ -693,6 +785,7 @@ fn every_key_set_resolves() {
         Kind::Policy => "shared",
         Kind::Ready => "notify",
         Kind::Choice(words) => words[words.len() - 1],
+        Kind::Switch => "yes",
         Kind::ExitCodes => "2",
         Kind::Command => "app",
         Kind::Listen => "tcp://127.0.0.1:0",
@@ -704,6 +797,7 @@ fn every_key_set_resolves() {
     assert_eq!(c.runtime_dir, Some(PathBuf::from("/run/x")));
     assert_eq!(c.worker_watchdog, Some(Duration::from_secs(1)));
     assert!(c.control_socket_explicit);
+    assert!(c.messages);
 }
 
 /// Issue 16: canary and health check keys, and their errors.

@@ -22,6 +22,7 @@ pub(crate) enum Value {
     ExitCodes(Vec<i32>),
     Command(Vec<String>),
     Listeners(Vec<RawListener>),
+    Switch(bool),
 }
 
 /// The Rust type `resolve` reads a key's value as.
@@ -54,6 +55,7 @@ from_value!(
     Vec<i32> => ExitCodes,
     Vec<String> => Command,
     Vec<RawListener> => Listeners,
+    bool => Switch,
 );
 
 impl FromValue for u32 {
@@ -101,6 +103,16 @@ pub(crate) fn parse(kind: Kind, s: &str, at: &Origin) -> Result<Value, VErr> {
         Kind::OptPercent => Value::OptCount(match s.trim() {
             "none" => None,
             t => Some(parse_permille(t)?),
+        }),
+        Kind::Switch => Value::Switch(match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => true,
+            "false" | "no" | "off" | "0" => false,
+            _ => {
+                return Err((
+                    format!("expected true or false, got {}", got(s)),
+                    "use true or false (also yes/no, on/off, 1/0)".into(),
+                ))
+            }
         }),
         Kind::ExitCodes => Value::ExitCodes(
             s.split(',')

@@ -1,4 +1,5 @@
-//! The control socket's client side: `sockvisor status | reload | scale N`.
+//! The control socket's client side: `sockvisor status | reload | scale N | signal | send`,
+//! and `sockvisor messages --follow` ([`follow`]).
 //!
 //! Before it sends anything, the client checks who answers: the server's `SO_PEERCRED` uid
 //! must be root or the caller's own (effective) uid. Anyone else may have created the
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, sockopt};
 
-use super::protocol::{Reply, Request};
+use super::protocol::{Event, Reply, Request};
 
 /// Largest reply the client accepts.
 const MAX_REPLY: usize = 64 << 20;
@@ -99,8 +100,74 @@ impl std::error::Error for ClientError {}
 /// give it at least the reload timeout.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, ClientError> {
     let deadline = Instant::now() + timeout;
+    let (stream, write_error) = send_request(path, req, timeout, deadline)?;
+    read_reply(path, stream, write_error, timeout, deadline).map(|(reply, _)| reply)
+}
+
+/// `sockvisor messages --follow`: send `req` (a `messages` request with `follow`), wait (at
+/// most `timeout`) for its reply, then call `on_event` for every line that follows, with no
+/// timeout, until sockvisor closes the connection (`Ok(reply)`) or `on_event` returns
+/// false. A refused request returns its reply (`ok: false`) at once.
+pub fn follow(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+    mut on_event: impl FnMut(Event) -> bool,
+) -> Result<Reply, ClientError> {
+    use std::io::BufRead;
+    let deadline = Instant::now() + timeout;
+    let (stream, write_error) = send_request(path, req, timeout, deadline)?;
+    let (reply, rest) = read_reply(path, stream, write_error, timeout, deadline)?;
+    if !reply.ok {
+        return Ok(reply);
+    }
+    let Some((stream, buffered)) = rest else {
+        return Ok(reply);
+    };
+    stream
+        .set_read_timeout(None)
+        .map_err(|error| ClientError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
+    let lines = io::BufReader::new(io::Cursor::new(buffered).chain(stream)).split(b'\n');
+    for line in lines {
+        let line = line.map_err(|error| ClientError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        if line.len() > MAX_REPLY {
+            return Err(protocol_error(
+                path,
+                format!("line longer than {MAX_REPLY} bytes"),
+            ));
+        }
+        let event: Event = serde_json::from_slice(&line).map_err(|e| {
+            protocol_error(
+                path,
+                format!(
+                    "{e}: {}",
+                    String::from_utf8_lossy(&line[..line.len().min(200)])
+                ),
+            )
+        })?;
+        if !on_event(event) {
+            break;
+        }
+    }
+    Ok(reply)
+}
+
+fn protocol_error(path: &Path, detail: String) -> ClientError {
+    ClientError::Protocol {
+        path: path.to_path_buf(),
+        detail,
+    }
+}
+
+fn io_error(path: &Path, timeout: Duration, error: io::Error) -> ClientError {
     let p = || path.to_path_buf();
-    let io_err = |error: io::Error| match error.kind() {
+    match error.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ClientError::NotRunning { path: p() }
         }
@@ -110,16 +177,26 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
             after: timeout,
         },
         _ => ClientError::Io { path: p(), error },
-    };
-    let remaining = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or(ClientError::Timeout {
-                path: p(),
-                after: timeout,
-            })
-    };
+    }
+}
+
+/// Connect, check who serves the socket, write the request line. Returns the stream and
+/// the write error, if the server closed before taking the line (it may have replied).
+fn send_request(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<(UnixStream, Option<io::Error>), ClientError> {
+    let p = || path.to_path_buf();
+    let io_err = |error: io::Error| io_error(path, timeout, error);
+    let remaining = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(ClientError::Timeout {
+            path: p(),
+            after: timeout,
+        })?;
     let mut stream = UnixStream::connect(path).map_err(io_err)?;
     // The kernel recorded the server's credentials when it called listen(): nothing it
     // sends can change them.
@@ -139,9 +216,7 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
         detail: e.to_string(),
     })?;
     line.push(b'\n');
-    stream
-        .set_write_timeout(Some(remaining()?))
-        .map_err(io_err)?;
+    stream.set_write_timeout(Some(remaining)).map_err(io_err)?;
     // A server that refuses us (peer credentials) writes its error and closes, maybe before
     // our write: read its reply anyway.
     let write_error = match stream.write_all(&line) {
@@ -156,7 +231,32 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
         }
         Err(e) => return Err(io_err(e)),
     };
+    Ok((stream, write_error))
+}
+
+/// Read the reply line (until `deadline`). Returns it, and the stream with the bytes read
+/// after the line unless sockvisor closed the connection.
+#[allow(clippy::type_complexity)]
+fn read_reply(
+    path: &Path,
+    mut stream: UnixStream,
+    write_error: Option<io::Error>,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<(Reply, Option<(UnixStream, Vec<u8>)>), ClientError> {
+    let p = || path.to_path_buf();
+    let io_err = |error: io::Error| io_error(path, timeout, error);
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(ClientError::Timeout {
+                path: p(),
+                after: timeout,
+            })
+    };
     let mut reply = Vec::new();
+    let mut after = None;
     let mut buf = [0u8; 16 * 1024];
     loop {
         stream
@@ -181,6 +281,7 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
         }
         if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
             reply.extend_from_slice(&buf[..i]);
+            after = Some(buf[i + 1..n].to_vec());
             break;
         }
         reply.extend_from_slice(&buf[..n]);
@@ -191,11 +292,12 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Reply, C
             });
         }
     }
-    serde_json::from_slice(&reply).map_err(|e| ClientError::Protocol {
+    let reply = serde_json::from_slice(&reply).map_err(|e| ClientError::Protocol {
         path: p(),
         detail: format!(
             "{e}: {}",
             String::from_utf8_lossy(&reply[..reply.len().min(200)])
         ),
-    })
+    })?;
+    Ok((reply, after.map(|rest| (stream, rest))))
 }

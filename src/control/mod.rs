@@ -1,4 +1,4 @@
-//! The control socket (`sockvisor status | reload | scale N`): a unix stream socket, mode
+//! The control socket (`sockvisor status | reload | scale N | signal | send | messages`): a unix stream socket, mode
 //! 0600, one JSON request and one JSON reply per line, replies in request order
 //! (docs/control.md).
 //!
@@ -32,7 +32,7 @@
 //!     for (id, request) in server.poll() {
 //!         let reply = match request {
 //!             Request::Scale { workers } => Reply::ok(Some(format!("scaling to {workers}"))),
-//!             Request::Status | Request::Reload { .. } => Reply::error("not in this example"),
+//!             _ => Reply::error("not in this example"),
 //!         };
 //!         server.reply(id, &reply);
 //!     }
@@ -46,14 +46,19 @@
 pub mod client;
 pub mod protocol;
 pub mod server;
+pub mod signal;
 pub mod table;
 
 #[cfg(test)]
 mod tests;
 
-pub use client::{request, ClientError};
+pub use client::{follow, request, ClientError};
 pub use protocol::{
-    CanaryStatus, CheckStatus, FleetStatus, ListenerStatus, Reply, Request, WorkerStatus, MAX_LINE,
+    CanaryStatus, CheckStatus, Event, FleetStatus, ListenerStatus, MessageTotals, Reply, Request,
+    WorkerMessages, WorkerStatus, WorkerTarget, MAX_LINE,
 };
-pub use server::{ControlServer, RequestId, MAX_CLIENTS, MAX_IN_FLIGHT, MAX_PENDING_OUTPUT};
+pub use server::{
+    ControlServer, RequestId, FOLLOW_OUTPUT_LIMIT, MAX_CLIENTS, MAX_IN_FLIGHT, MAX_PENDING_OUTPUT,
+};
+pub use signal::WorkerSignal;
 pub use table::{format_status_table, format_uptime};

@@ -18,11 +18,105 @@ pub enum Request {
     Scale {
         workers: usize,
     },
+    /// Send a signal to the workers (all, or those of one slot or generation).
+    Signal {
+        /// A name or number (`SIGUSR1`, `usr1`, `10`), checked by [`super::WorkerSignal`].
+        signal: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+    },
+    /// A message from the operator to the worker of one slot, or to every worker.
+    Send {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+        /// The payload as text, or ...
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<String>,
+        /// ... as base64 (any bytes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload_base64: Option<String>,
+    },
+    /// Stream the messages workers send to the operator: the reply, then one [`Event`]
+    /// line per message until the client hangs up. The last request of its connection.
+    Messages {
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 impl Request {
     /// A plain reload (the configuration's `canary_workers` decide).
     pub const RELOAD: Request = Request::Reload { canary: None };
+}
+
+/// A worker a request acted on (`signal`, `send`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerTarget {
+    pub slot: usize,
+    pub pid: i32,
+    pub generation: u64,
+}
+
+/// A line streamed to a `messages --follow` client after its reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A worker's message to the operator.
+    Message {
+        from: WorkerTarget,
+        /// The payload when it is UTF-8 text ...
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<String>,
+        /// ... else as base64.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload_base64: Option<String>,
+    },
+    /// This many messages were not written to this client: it did not read fast enough.
+    Dropped { count: u64 },
+}
+
+impl Event {
+    /// The event as one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|e| {
+            log::warn!("cannot encode a control event: {e}");
+            br#"{"event":"dropped","count":1}"#.to_vec()
+        });
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Message figures of one worker in `status` (`messages = true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerMessages {
+    /// Messages it sent.
+    pub sent: u64,
+    /// Messages written into its socket.
+    pub received: u64,
+    /// Messages waiting in sockvisor's queue for it.
+    pub queued: u64,
+    /// Messages meant for it and dropped (its queue was full, or it closed its socket).
+    pub dropped: u64,
+}
+
+/// The fleet's message figures in `status`, since sockvisor started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageTotals {
+    pub delivered: u64,
+    pub to_operator: u64,
+    /// Messages to the operator while no `messages --follow` client was connected.
+    pub unheard: u64,
+    /// Messages for a slot without a worker that takes messages.
+    pub undeliverable: u64,
+    /// Messages dropped: a receiver's queue was full, or it went away with messages queued.
+    pub dropped: u64,
+    /// Packets from workers that were not messages (skipped).
+    pub malformed: u64,
+    /// `messages --follow` clients connected now.
+    pub followers: usize,
 }
 
 /// One worker in `status`.
@@ -53,6 +147,9 @@ pub struct WorkerStatus {
     /// Its active health checks, when configured.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub health_check: Option<CheckStatus>,
+    /// Its message figures, when it has a message socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<WorkerMessages>,
 }
 
 fn one() -> u32 {
@@ -99,6 +196,9 @@ pub struct FleetStatus {
     /// The canary being rolled out, if any.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub canary: Option<CanaryStatus>,
+    /// Message figures, when `messages = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<MessageTotals>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +224,9 @@ pub struct Reply {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub status: Option<FleetStatus>,
+    /// The workers a `signal` or `send` reached.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workers: Option<Vec<WorkerTarget>>,
 }
 
 impl Reply {
@@ -134,6 +237,7 @@ impl Reply {
             error: None,
             message,
             status: None,
+            workers: None,
         }
     }
 
@@ -144,6 +248,7 @@ impl Reply {
             error: Some(error.into()),
             message: None,
             status: None,
+            workers: None,
         }
     }
 
@@ -154,6 +259,15 @@ impl Reply {
             error: None,
             message: None,
             status: Some(status),
+            workers: None,
+        }
+    }
+
+    /// `{"ok":true,"message":...,"workers":[...]}`
+    pub fn with_workers(message: String, workers: Vec<WorkerTarget>) -> Reply {
+        Reply {
+            workers: Some(workers),
+            ..Reply::ok(Some(message))
         }
     }
 
@@ -173,7 +287,7 @@ impl Reply {
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_slice::<Request>(line).map_err(|e| {
         format!(
-            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} ({{"cmd":"reload","canary":N}}) or {{"cmd":"scale","workers":N}}"#
+            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} ({{"cmd":"reload","canary":N}}), {{"cmd":"scale","workers":N}}, {{"cmd":"signal","signal":"SIGUSR1"}}, {{"cmd":"send","payload":"..."}} or {{"cmd":"messages","follow":true}}; docs/control.md"#
         )
     })
 }

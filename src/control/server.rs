@@ -18,6 +18,11 @@
 //!   unwritten replies, or a full output buffer, is not read until its replies go out. So a
 //!   flood of requests costs each wake-up a bounded amount of work, and accepts, signals
 //!   and watchdog pings go on.
+//! - **Followers**: a `messages --follow` request is the last one read from its client;
+//!   after its reply the client receives the lines given to [`ControlServer::publish`], at
+//!   most [`FOLLOW_OUTPUT_LIMIT`] bytes of them unwritten: beyond that lines are dropped
+//!   for that client and counted, and a `{"event":"dropped","count":N}` line tells it so
+//!   before the next line that fits. What it sends is read and ignored.
 //! - **Gone clients**: a client that hung up, failed, or let [`MAX_PENDING_OUTPUT`] bytes of
 //!   replies pile up is dropped with whatever it had not sent or read; replies to it are
 //!   no-ops, and the supervisor can skip building them ([`ControlServer::wants_reply`]).
@@ -50,6 +55,8 @@ pub const READ_PER_POLL: usize = 64 * 1024;
 pub const MAX_IN_FLIGHT: usize = 32;
 /// Written-but-unsent reply bytes at which a client is not read until it reads.
 const OUTPUT_HIGH_WATER: usize = 256 * 1024;
+/// Unwritten bytes a follower may have; lines beyond are dropped (and counted) for it.
+pub const FOLLOW_OUTPUT_LIMIT: usize = 1 << 20;
 /// Connections accepted (or refused) per `poll`.
 const ACCEPTS_PER_POLL: usize = 32;
 const READ_CHUNK: usize = 16 * 1024;
@@ -90,6 +97,15 @@ struct Client {
     eof: bool,
     /// What the internal epoll watches for it (empty: not registered).
     interest: EpollFlags,
+    /// It asked to follow messages (`messages --follow`): no more requests from it.
+    follower: Option<Follower>,
+}
+
+struct Follower {
+    /// The id of its `messages --follow` request: lines go out once its reply has.
+    request: u64,
+    /// Lines not written to it since the last `dropped` event it got.
+    dropped: u64,
 }
 
 impl Client {
@@ -104,6 +120,9 @@ impl Client {
 
     /// Work waiting in our buffer (a complete line, or a last line at EOF), not in the socket.
     fn has_buffered_line(&self) -> bool {
+        if self.follower.is_some() {
+            return false;
+        }
         let p = self.pending();
         !p.is_empty() && (self.eof || p.contains(&b'\n'))
     }
@@ -273,6 +292,11 @@ impl ControlServer {
         if let Some(slot) = c.in_flight.iter_mut().find(|r| r.id == id.0) {
             slot.reply = Some(reply.to_line());
         }
+        if !reply.ok && c.follower.as_ref().is_some_and(|f| f.request == id.0) {
+            // Refused: nothing will follow; close once the error is written.
+            c.follower = None;
+            c.eof = true;
+        }
         while c.in_flight.front().is_some_and(|r| r.reply.is_some()) {
             if let Some(InFlight { reply: Some(r), .. }) = c.in_flight.pop_front() {
                 c.out.extend_from_slice(&r);
@@ -297,6 +321,51 @@ impl ControlServer {
                 .clients
                 .values()
                 .any(|c| c.in_flight.iter().any(|r| r.id == id.0))
+    }
+
+    /// `messages --follow` clients connected.
+    pub fn followers(&self) -> usize {
+        self.clients
+            .values()
+            .filter(|c| c.follower.is_some())
+            .count()
+    }
+
+    /// Give `line` (one JSON line, newline included) to every follower whose follow reply
+    /// is out, within [`FOLLOW_OUTPUT_LIMIT`] each (else it is counted as dropped for that
+    /// follower). Returns how many followers took it.
+    pub fn publish(&mut self, line: &[u8]) -> usize {
+        let mut took = Vec::new();
+        for (&cid, c) in self.clients.iter_mut() {
+            let Some(f) = c.follower.as_mut() else {
+                continue;
+            };
+            if !c.in_flight.is_empty() {
+                // Its reply (or one before it) is not out yet.
+                f.dropped += 1;
+                continue;
+            }
+            let notice = (f.dropped > 0)
+                .then(|| super::protocol::Event::Dropped { count: f.dropped }.to_line());
+            let need = line.len() + notice.as_ref().map_or(0, Vec::len);
+            if c.out.len() + need > FOLLOW_OUTPUT_LIMIT {
+                f.dropped += 1;
+                continue;
+            }
+            if let Some(n) = notice {
+                c.out.extend_from_slice(&n);
+                f.dropped = 0;
+            }
+            c.out.extend_from_slice(line);
+            took.push(cid);
+        }
+        let mut alive = 0;
+        for cid in took {
+            if self.flush(cid) {
+                alive += 1;
+            }
+        }
+        alive
     }
 
     /// Accept pending connections (up to [`ACCEPTS_PER_POLL`]; the listener stays readable
@@ -393,6 +462,7 @@ impl ControlServer {
                     out: Vec::new(),
                     eof: false,
                     interest: EpollFlags::EPOLLIN,
+                    follower: None,
                 },
             );
         }
@@ -407,6 +477,28 @@ impl ControlServer {
         let mut taken = 0;
         let mut read = 0;
         let mut failed = false;
+        if c.follower.is_some() {
+            // A follower sends nothing more that counts: read it to notice its EOF.
+            c.input.clear();
+            c.start = 0;
+            let mut buf = [0u8; READ_CHUNK];
+            while !c.eof && read < READ_PER_POLL {
+                match nix::unistd::read(&c.fd, &mut buf) {
+                    Ok(0) => c.eof = true,
+                    Ok(n) => read += n,
+                    Err(Errno::EINTR) => {}
+                    Err(Errno::EAGAIN) => break,
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                self.drop_client(cid);
+            }
+            return;
+        }
         while taken < REQUESTS_PER_POLL && !c.blocked() {
             match next_line(c) {
                 Next::Line(line) => {
@@ -419,7 +511,18 @@ impl ControlServer {
                             let id = self.next_request;
                             self.next_request += 1;
                             c.in_flight.push_back(InFlight { id, reply: None });
+                            let follows = matches!(request, Request::Messages { follow: true });
                             requests.push((RequestId(id), request));
+                            if follows {
+                                // The last request read from this client.
+                                c.follower = Some(Follower {
+                                    request: id,
+                                    dropped: 0,
+                                });
+                                c.input.clear();
+                                c.start = 0;
+                                break;
+                            }
                         }
                         Err(e) => answer_now(c, Reply::error(e)),
                     }
@@ -511,7 +614,12 @@ impl ControlServer {
         let Some(c) = self.clients.get_mut(&cid) else {
             return false;
         };
-        if c.eof && c.in_flight.is_empty() && c.out.is_empty() && !c.has_buffered_line() {
+        if c.eof
+            && c.follower.is_none()
+            && c.in_flight.is_empty()
+            && c.out.is_empty()
+            && !c.has_buffered_line()
+        {
             log::debug!("control client #{cid} closed");
             self.drop_client(cid);
             return false;

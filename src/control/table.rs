@@ -3,7 +3,7 @@
 //! Every text field goes through [`printable`]: a worker's `STATUS=`, a listener's name or
 //! anything else in the reply cannot move the cursor, recolour or retitle the terminal.
 
-use super::protocol::FleetStatus;
+use super::protocol::{FleetStatus, MessageTotals};
 
 /// `text` with every control character (C0, DEL, C1: escape sequences, newlines, ...)
 /// replaced by a space.
@@ -165,6 +165,45 @@ pub fn format_status_table(status: &FleetStatus) -> String {
         rows.push(row);
     }
     out.push_str(&columns(&rows));
+    if let Some(m) = &status.messages {
+        out.push_str(&messages_table(status, m));
+    }
+    out
+}
+
+/// With `messages = true`: the fleet's figures, then one row per worker that has a
+/// message socket.
+fn messages_table(status: &FleetStatus, m: &MessageTotals) -> String {
+    let mut out = format!(
+        "
+messages: {} delivered, {} to the operator ({} unheard), {} undeliverable, {} dropped, {} malformed; {} following
+",
+        m.delivered, m.to_operator, m.unheard, m.undeliverable, m.dropped, m.malformed, m.followers
+    );
+    let mut rows = vec![header(&[
+        "SLOT", "PID", "SENT", "RECEIVED", "QUEUED", "DROPPED",
+    ])];
+    for w in &status.workers {
+        if let Some(f) = &w.messages {
+            rows.push(
+                [
+                    w.slot as u64,
+                    w.pid as u64,
+                    f.sent,
+                    f.received,
+                    f.queued,
+                    f.dropped,
+                ]
+                .iter()
+                .map(u64::to_string)
+                .collect(),
+            );
+        }
+    }
+    if rows.len() > 1 {
+        out.push('\n');
+        out.push_str(&columns(&rows));
+    }
     out
 }
 
@@ -196,6 +235,7 @@ pub(super) mod tests {
                     out_of_rotation: false,
                     canary: false,
                     health_check: None,
+                    messages: None,
                 },
                 WorkerStatus {
                     slot: 1,
@@ -212,6 +252,7 @@ pub(super) mod tests {
                     out_of_rotation: false,
                     canary: false,
                     health_check: None,
+                    messages: None,
                 },
             ],
             listeners: vec![ListenerStatus {
@@ -223,6 +264,7 @@ pub(super) mod tests {
                 pending: 0,
             }],
             canary: None,
+            messages: None,
         }
     }
 
@@ -283,6 +325,39 @@ pub(super) mod tests {
         assert_eq!(format_uptime(-1.0), "0s");
         assert_eq!(format_uptime(f64::NAN), "0s");
         assert_eq!(format_uptime(90000.0), "1d1h");
+        assert!(
+            !t.contains("messages"),
+            "no message section when messages are off"
+        );
+    }
+
+    #[test]
+    fn messages_section() {
+        let mut s = sample_status();
+        s.messages = Some(MessageTotals {
+            delivered: 10,
+            to_operator: 2,
+            unheard: 1,
+            undeliverable: 0,
+            dropped: 5,
+            malformed: 0,
+            followers: 1,
+        });
+        s.workers[0].messages = Some(crate::control::WorkerMessages {
+            sent: 4,
+            received: 6,
+            queued: 128,
+            dropped: 5,
+        });
+        let t = format_status_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[9],
+            "messages: 10 delivered, 2 to the operator (1 unheard), 0 undeliverable, 5 dropped, 0 malformed; 1 following"
+        );
+        assert_eq!(lines[11], "SLOT  PID  SENT  RECEIVED  QUEUED  DROPPED");
+        assert_eq!(lines[12], "0     100  4     6         128     5");
+        assert_eq!(lines.len(), 13, "{t}");
     }
 
     /// Every text field the table prints, not only the worker's STATUS=.

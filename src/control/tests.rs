@@ -38,6 +38,7 @@ fn answer(server: &mut ControlServer, id: RequestId, r: Request) {
         Request::Status => Reply::with_status(sample_status()),
         Request::Reload { .. } => Reply::ok(Some("reloaded".into())),
         Request::Scale { workers } => Reply::ok(Some(format!("scaled to {workers}"))),
+        other => Reply::error(format!("{other:?}: not in these tests")),
     };
     server.reply(id, &reply);
 }
@@ -476,4 +477,99 @@ fn other_uid_refused_by_peer_credentials() {
     let r: Reply = serde_json::from_str(out.trim()).unwrap();
     assert!(!r.ok);
     assert!(r.error.unwrap().starts_with("permission denied: uid 65534"));
+}
+
+/// Issue 16: a `messages --follow` client gets its reply, then every published line; lines
+/// after its request are not read as requests; a follower that does not read gets at most
+/// FOLLOW_OUTPUT_LIMIT bytes, the rest counted and announced once it reads again.
+#[test]
+fn a_follower_gets_published_lines_within_its_bound() {
+    use crate::control::{Event, FOLLOW_OUTPUT_LIMIT};
+    let (_dir, path, mut server) = bound();
+    let c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&c).write_all(b"{\"cmd\":\"messages\",\"follow\":true}\n{\"cmd\":\"status\"}\n")
+        .unwrap();
+    let got = take(&mut server, 1);
+    assert_eq!(got[0].1, Request::Messages { follow: true });
+    assert_eq!(server.followers(), 1);
+    // Published before its reply is out: counted as dropped for it, not interleaved.
+    let line = |n: usize| {
+        Event::Message {
+            from: crate::control::WorkerTarget {
+                slot: n,
+                pid: 1,
+                generation: 1,
+            },
+            payload: Some("x".repeat(100 * 1024)),
+            payload_base64: None,
+        }
+        .to_line()
+    };
+    assert_eq!(server.publish(&line(0)), 0);
+    assert!(server.reply(got[0].0, &Reply::ok(Some("following".into()))));
+    // The status line after the follow request is never handed out.
+    for _ in 0..5 {
+        assert!(server.poll().is_empty());
+    }
+    // Nobody reads: the output stops at the bound; the rest is counted.
+    let published = 3 * FOLLOW_OUTPUT_LIMIT / (100 * 1024);
+    let took: usize = (1..=published).map(|n| server.publish(&line(n))).sum();
+    assert!(took < published, "{took} of {published}");
+    // A reader thread reads, the server writes as the socket takes it.
+    let reader = {
+        let c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(c).lines();
+            let reply: Reply = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            assert!(reply.ok);
+            // The line published before its reply was out is announced first.
+            let e: Event = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            assert_eq!(e, Event::Dropped { count: 1 });
+            let mut seen = 0;
+            while seen < took {
+                let e: Event = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+                assert!(matches!(e, Event::Message { .. }), "{e:?}");
+                seen += 1;
+            }
+            lines
+        })
+    };
+    while !reader.is_finished() {
+        server.poll();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut lines = reader.join().unwrap();
+    // Once it read, the next line is preceded by the count of what it missed.
+    assert_eq!(server.publish(&line(999)), 1);
+    let dropped: Event = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let missed = (published - took) as u64;
+    assert_eq!(dropped, Event::Dropped { count: missed });
+    let last: Event = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(matches!(last, Event::Message { from, .. } if from.slot == 999));
+    drop(lines);
+    drop(c);
+    // Gone: it stops counting as a follower once the server notices.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.followers() > 0 {
+        server.poll();
+        server.publish(b"{}\n");
+        assert!(Instant::now() < deadline);
+    }
+}
+
+/// A refused follow (messages off) gets its error, and the connection is closed.
+#[test]
+fn a_refused_follow_is_closed_after_its_error() {
+    let (_dir, path, mut server) = bound();
+    let c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&c).write_all(b"{\"cmd\":\"messages\",\"follow\":true}\n")
+        .unwrap();
+    let got = take(&mut server, 1);
+    assert!(server.reply(got[0].0, &Reply::error("messages are off")));
+    assert_eq!(server.followers(), 0);
+    let mut all = String::new();
+    std::io::Read::read_to_string(&mut &c, &mut all).unwrap();
+    assert_eq!(all, "{\"ok\":false,\"error\":\"messages are off\"}\n");
 }

@@ -256,18 +256,8 @@ impl Channel {
             };
             let nfds = got.fds.len();
             drop(got.fds); // a worker has no business sending fds: close them
-            if got.bytes == 0 && nfds == 0 {
-                // EINTR (a signal pending, even with a zero timeout) says nothing about
-                // the peer: ask again.
-                let hup = loop {
-                    match sys::poll_one(self.sockvisor_end.as_fd(), libc::POLLRDHUP, 0) {
-                        Err(Errno::EINTR) => continue,
-                        r => break r.map_or(true, |r| r & (libc::POLLRDHUP | libc::POLLHUP) != 0),
-                    }
-                };
-                if hup {
-                    return r.hung_up();
-                }
+            if got.bytes == 0 && nfds == 0 && sys::peer_hung_up(self.sockvisor_end.as_fd()) {
+                return r.hung_up();
             }
             if nfds > 0 {
                 note_malformed(format_args!("{nfds} fd(s) attached, closed"));

@@ -182,6 +182,19 @@ pub(crate) fn poll_one(
     Ok(pfd.revents)
 }
 
+/// After a `recv` of 0 bytes and no fd on a `SOCK_SEQPACKET` socket: whether the peer hung
+/// up (end of file), rather than sent an empty message. `poll(POLLRDHUP)` tells them apart
+/// (a poll error counts as a hang-up).
+pub(crate) fn peer_hung_up(fd: BorrowedFd<'_>) -> bool {
+    loop {
+        match poll_one(fd, libc::POLLRDHUP, 0) {
+            // EINTR (a signal pending, even with a zero timeout) says nothing about the peer.
+            Err(Errno::EINTR) => continue,
+            r => return r.map_or(true, |r| r & (libc::POLLRDHUP | libc::POLLHUP) != 0),
+        }
+    }
+}
+
 /// Bytes waiting in `fd`'s receive queue (`FIONREAD`/`SIOCINQ`).
 pub(crate) fn inq(fd: BorrowedFd<'_>) -> Result<usize, Errno> {
     let mut n: libc::c_int = 0;

@@ -1,8 +1,10 @@
-//! Requests from the control socket (`sockvisor status | reload | scale N`).
+//! Requests from the control socket (`sockvisor status | reload | scale N | signal | send |
+//! messages --follow`).
 
 use super::reload::Waiter;
 use super::Supervisor;
 use crate::control::{Reply, Request, RequestId};
+use crate::messages::payload;
 use std::time::Instant;
 
 impl Supervisor {
@@ -29,6 +31,25 @@ impl Supervisor {
                     Ok(()) => None,
                     Err(e) => Some(Reply::error(format!("reload refused: {e}"))),
                 },
+                Request::Signal {
+                    signal,
+                    slot,
+                    generation,
+                } => Some(self.signal_workers(&signal, slot, generation)),
+                Request::Send {
+                    slot,
+                    payload,
+                    payload_base64,
+                } => Some(
+                    match payload::from_json(payload.as_deref(), payload_base64.as_deref()) {
+                        Ok(bytes) => self.operator_send(slot, bytes),
+                        Err(e) => Reply::error(e),
+                    },
+                ),
+                Request::Messages { follow: true } => Some(self.follow_messages()),
+                Request::Messages { follow: false } => Some(Reply::error(
+                    "messages needs \"follow\": true (the figures are in status)",
+                )),
             };
             if let (Some(reply), Some(control)) = (reply, self.control.as_mut()) {
                 control.reply(id, &reply);

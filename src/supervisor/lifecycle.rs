@@ -87,20 +87,32 @@ impl Supervisor {
         if let Some(w) = self.config.worker_watchdog {
             env.push(("WATCHDOG_USEC", w.as_micros().to_string()));
         }
+        self.stage_message_socket(slot);
         let fds = self.dispatch.staged_fds();
+        let extra_fds: Vec<_> = self.messages.staged_fd().into_iter().collect();
+        if !extra_fds.is_empty() {
+            // Right after the LISTEN_FDS sockets (spawn places it there).
+            env.push((
+                crate::messages::MESSAGES_FD_VAR,
+                (3 + fds.len()).to_string(),
+            ));
+        }
         let setup = WorkerSetup {
             fds: &fds,
+            extra_fds: &extra_fds,
             fd_names: &names,
             env: &env,
             watchdog_pid: self.config.worker_watchdog.is_some(),
         };
         let forked = spawn::spawn(&self.command, &setup);
         drop(fds);
+        drop(extra_fds);
         let pid = match forked {
             Ok(pid) => pid,
             Err(e) => {
                 log::error!("slot {slot}: fork failed: {e}");
                 self.dispatch.discard_staged();
+                self.messages.discard_staged();
                 return None;
             }
         };
@@ -111,6 +123,7 @@ impl Supervisor {
             weight: self.config.weight,
         };
         self.dispatch.commit_worker(worker, &self.poller, now);
+        self.messages.commit(worker, &self.poller);
         if self
             .checks
             .worker_forked(pid, self.config.health_check.clone(), now)
@@ -209,6 +222,7 @@ impl Supervisor {
             );
         }
         self.forget_checks(pid);
+        self.messages.worker_gone(pid, &self.poller);
         // Connections it never received go to the other workers, first in line.
         let taken_back = self.dispatch.worker_gone(pid, &self.poller);
         if taken_back > 0 {

@@ -8,6 +8,7 @@
 //! - `reload`: reload in generations, rollback;
 //! - `health`: workers' notifications, readiness, worker watchdogs, the upstream watchdog;
 //! - `status` and `commands`: summaries, and requests from the control socket;
+//! - `messages`: signals and messages for workers (the router is `crate::messages`);
 //! - `fleet`: the worker table; `backoff`: restart delays.
 //!
 //! Connections are not handled here: the [`Dispatcher`] owns listeners, channels and
@@ -20,6 +21,7 @@ mod commands;
 mod fleet;
 mod health;
 mod lifecycle;
+mod messages;
 mod orphans;
 mod reload;
 mod status;
@@ -101,6 +103,8 @@ pub struct Supervisor {
     orphans: orphans::Orphans,
     /// Active health checks of each worker.
     checks: checks::ActiveChecks,
+    /// The workers' message sockets (`messages = true`).
+    messages: crate::messages::Router,
     /// What dispatch made of the last failed worker (a program accepting on a channel),
     /// repeated in `STATUS=` and at give-up until the slots start up again.
     diagnosis: Option<String>,
@@ -244,6 +248,7 @@ impl Supervisor {
             status: status::StatusState::default(),
             orphans: orphans::Orphans::default(),
             checks: checks::ActiveChecks::default(),
+            messages: crate::messages::Router::default(),
             diagnosis: None,
         })
     }
@@ -302,6 +307,7 @@ impl Supervisor {
             Token::Notify => self.read_notifications(),
             Token::Control => self.serve_control(),
             Token::Probe(pid) => self.probe_event(pid),
+            Token::Messages(pid) => self.route_messages(pid),
             Token::Listener(_) | Token::Channel { .. } => {
                 let now = Instant::now();
                 self.dispatch.handle(token, &self.poller, now);

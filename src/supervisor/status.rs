@@ -2,7 +2,9 @@
 
 use super::fleet::Worker;
 use super::{Phase, Supervisor};
-use crate::control::{CheckStatus, FleetStatus, ListenerStatus, WorkerStatus};
+use crate::control::{
+    CheckStatus, FleetStatus, ListenerStatus, MessageTotals, WorkerMessages, WorkerStatus,
+};
 use std::time::{Duration, Instant};
 
 /// `STATUS=` is refreshed at most this often when only counters changed.
@@ -143,6 +145,12 @@ impl Supervisor {
                         consecutive_failures: c.consecutive_failures,
                         last: c.last.clone(),
                     }),
+                    messages: self.messages.figures(w.pid).map(|f| WorkerMessages {
+                        sent: f.sent,
+                        received: f.received,
+                        queued: f.queued,
+                        dropped: f.dropped,
+                    }),
                 }
             })
             .collect();
@@ -173,6 +181,18 @@ impl Supervisor {
             workers,
             listeners,
             canary,
+            messages: (self.config.messages || self.messages.has_endpoints()).then(|| {
+                let t = self.messages.totals();
+                MessageTotals {
+                    delivered: t.delivered,
+                    to_operator: t.to_operator,
+                    unheard: t.unheard,
+                    undeliverable: t.undeliverable,
+                    dropped: t.dropped,
+                    malformed: t.malformed,
+                    followers: self.control.as_ref().map_or(0, |c| c.followers()),
+                }
+            }),
         }
     }
 }
