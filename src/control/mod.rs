@@ -1,6 +1,6 @@
-//! The control socket (`sockvisor status | reload | scale N | signal | send | messages`): a unix stream socket, mode
-//! 0600, one JSON request and one JSON reply per line, replies in request order
-//! (docs/control.md).
+//! The control socket (`sockvisor status | reload | scale N | signal | send | messages`): a
+//! unix stream socket, mode 0600, one JSON request and one JSON reply per line, replies in
+//! request order (docs/control.md); `messages --follow` then streams.
 //!
 //! - [`protocol`]: the requests and replies on the wire.
 //! - [`server`]: [`ControlServer`], for the supervisor's epoll loop.
