@@ -104,7 +104,8 @@ impl Program {
     fn require(self) -> bool {
         let venv = venv();
         let install = format!(
-            "{python} -m venv {v} && {v}/bin/pip install -r tests/workers/requirements.txt (.ci/run does)",
+            "{python} -m venv {v} && {v}/bin/pip install -r tests/workers/requirements.txt \
+             (.ci/run does)",
             python = python(),
             v = venv.display()
         );
@@ -258,7 +259,11 @@ fn balance_under_the_default_policy(program: Program) {
         &failures[..failures.len().min(5)]
     );
     let r = ratio(&counts, 4);
-    eprintln!("{}: {REQUESTS} sequential requests over 4 workers (default policy): {counts:?}, max/min {r:.3}", program.name());
+    eprintln!(
+        "{}: {REQUESTS} sequential requests over 4 workers (default policy): {counts:?}, \
+         max/min {r:.3}",
+        program.name()
+    );
     assert_eq!(counts.len(), 4, "answers from all 4 workers: {counts:?}");
     assert!(r <= 1.05, "max/min {r:.3} > 1.05: {counts:?}");
     // status counts what the program dispatched to each worker: what each one answered.
@@ -435,7 +440,8 @@ fn reload_and_scale_down_under_load(program: Program) {
     }
     let summary = load.finish();
     eprintln!(
-        "{}: 3 reloads and 2 scale-downs under load: {} answered, {} failed, {} retried after a keep-alive close",
+        "{}: 3 reloads and 2 scale-downs under load: {} answered, {} failed, {} retried \
+         after a keep-alive close",
         program.name(),
         summary.ok,
         summary.failed,
@@ -521,7 +527,10 @@ fn socket_activation_answers_the_first_connection_then_round_robin() {
         let (counts, failures) = sequential(port, 400);
         assert!(failures.is_empty(), "{failures:?}");
         let r = ratio(&counts, 4);
-        eprintln!("socket activation: the first connection answered by worker {first_by}; then 400 requests: {counts:?}, max/min {r:.3}");
+        eprintln!(
+            "socket activation: the first connection answered by worker {first_by}; then 400 \
+             requests: {counts:?}, max/min {r:.3}"
+        );
         assert!(r <= 1.05, "{counts:?}");
         Ok(())
     });
@@ -783,6 +792,11 @@ fn udp_flows_spread_over_the_workers_and_one_flow_stays_on_one() {
 
 // ---- 7. the wrong mode ------------------------------------------------------------------
 
+/// What sockvisor says of a program that accepts on fd 3 under a channel policy.
+const DIAGNOSIS: &str = "it never took a connection from fd 3 (web), a sockvisor channel under \
+     dispatch round-robin: a program that calls accept() or listen() on its socket needs \
+     --dispatch reuseport (or shared)";
+
 /// The stdlib server under a channel policy: fd 3 is a channel, its accept() fails, it spins
 /// without taking the connection: found wedged, with the diagnosis in the log and STATUS=.
 #[test]
@@ -799,8 +813,7 @@ fn a_program_that_accepts_on_a_channel_is_told_to_use_reuseport_or_shared() {
     notify.wait_for("READY=1", T).expect("READY=1");
     // The connection waits in the worker's channel, never received.
     let client = std::thread::spawn(move || get(port, Duration::from_secs(5)));
-    let diagnosis = "it never took a connection from fd 3 (web), a sockvisor channel under dispatch round-robin: a program that calls accept() or listen() on its socket needs --dispatch reuseport (or shared)";
-    fleet.wait_log(diagnosis, T);
+    fleet.wait_log(DIAGNOSIS, T);
     let status = notify
         .wait_for("STATUS=worker 0 failed: it never took a connection", T)
         .unwrap_or_else(|| {
@@ -810,11 +823,11 @@ fn a_program_that_accepts_on_a_channel_is_told_to_use_reuseport_or_shared() {
                 fleet.log()
             )
         });
-    assert!(status.contains(diagnosis), "{status}");
+    assert!(status.contains(DIAGNOSIS), "{status}");
     let log = fleet.log();
     assert!(
         log.lines()
-            .any(|l| l.starts_with("sockvisor: warn  worker 0 (pid ") && l.contains(diagnosis)),
+            .any(|l| l.starts_with("sockvisor: warn  worker 0 (pid ") && l.contains(DIAGNOSIS)),
         "a warning names the worker: {log}"
     );
     assert!(log.contains("wedged: "), "{log}");
@@ -843,17 +856,16 @@ fn the_give_up_message_repeats_the_diagnosis() {
     let status = fleet.wait(T).expect("sockvisor gives up");
     let log = fleet.log();
     assert_eq!(status.code(), Some(69), "{log}");
-    let diagnosis = "it never took a connection from fd 3 (web), a sockvisor channel under dispatch round-robin: a program that calls accept() or listen() on its socket needs --dispatch reuseport (or shared)";
     let give_up = log
         .lines()
         .find(|l| l.starts_with("sockvisor: error giving up: "))
         .unwrap_or_else(|| panic!("no give-up line: {log}"));
-    assert!(give_up.contains(diagnosis), "{give_up}");
+    assert!(give_up.contains(DIAGNOSIS), "{give_up}");
     let sent = notify.drained();
     assert!(
         sent.iter().any(|m| m
             .lines()
-            .any(|l| l.starts_with("STATUS=failed: ") && l.contains(diagnosis))),
+            .any(|l| l.starts_with("STATUS=failed: ") && l.contains(DIAGNOSIS))),
         "the last STATUS= repeats it: {sent:?}"
     );
 }
@@ -920,6 +932,7 @@ fn measure(program: Program, policy: &str, workers: usize) -> String {
         )
     };
     if policy == "round-robin" {
+        let started = std::time::Instant::now();
         let (mut counts, mut failed, mut in_a_row) = (BTreeMap::new(), 0, 0);
         let mut attempts = 0;
         while attempts < REQUESTS && in_a_row < 10 && fleet.gone().is_none() {
@@ -936,15 +949,25 @@ fn measure(program: Program, policy: &str, workers: usize) -> String {
             }
         }
         let answered: u64 = counts.values().sum();
+        // A program that spins instead of failing is found wedged after `wedged_after` (30 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(45);
+        while fleet.gone().is_none()
+            && !fleet.log().contains("it never took a connection from fd 3")
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let exit = match fleet.wait(Duration::from_secs(5)) {
             Some(s) => format!("sockvisor exited ({s})"),
             None => "sockvisor still running".to_string(),
         };
         let log = fleet.log();
-        let notes =
-            format!(
-            "{attempts} tried; {exit}; diagnosis in the log: {}; wedged kills: {}; restarts: {}",
-            if log.contains("it never took a connection from fd 3") { "yes" } else { "no" },
+        let diagnosed = log.contains("it never took a connection from fd 3");
+        let notes = format!(
+            "{attempts} tried, {:.0} s; {exit}; diagnosis in the log: {}; wedged kills: {}; \
+             restarts: {}",
+            started.elapsed().as_secs_f64(),
+            if diagnosed { "yes" } else { "no" },
             log.matches(": wedged: ").count(),
             log.matches("; restarting in ").count()
         );
