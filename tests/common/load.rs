@@ -95,12 +95,23 @@ pub struct ClientLoop {
 }
 
 impl ClientLoop {
-    /// Start the threads. An answer is good when it contains `answer`.
+    /// Start the threads: two with a new connection per request, two keep-alive. An answer
+    /// is good when it contains `answer`.
     pub fn start(port: u16, answer: &'static str) -> ClientLoop {
+        Self::with(port, answer, 2, 2)
+    }
+
+    /// Four threads with a new connection per request, none keep-alive: for a server whose
+    /// own shutdown resets the requests that reach its idle keep-alive connections.
+    pub fn new_connections_only(port: u16, answer: &'static str) -> ClientLoop {
+        Self::with(port, answer, 4, 0)
+    }
+
+    fn with(port: u16, answer: &'static str, new: usize, keep: usize) -> ClientLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
         let mut threads = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..new {
             let (stop, counts) = (stop.clone(), counts.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -114,7 +125,7 @@ impl ClientLoop {
                 }
             }));
         }
-        for _ in 0..2 {
+        for _ in 0..keep {
             let (stop, counts) = (stop.clone(), counts.clone());
             threads.push(std::thread::spawn(move || {
                 keep_alive(port, answer, &stop, &counts)
