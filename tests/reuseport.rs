@@ -266,16 +266,25 @@ fn balance_under_the_default_policy(program: Program) {
     );
     assert_eq!(counts.len(), 4, "answers from all 4 workers: {counts:?}");
     assert!(r <= 1.05, "max/min {r:.3} > 1.05: {counts:?}");
-    // status counts what the program dispatched to each worker: what each one answered.
+    // status counts the program's decisions for each worker: at least what each answered.
+    // A decision is made per SYN, so a SYN the kernel drops after it (seen once in ~10 runs
+    // of the whole file on a busy machine: 2,001 decisions, 501/500/500/500) and the
+    // client's retransmission make two; never fewer than the connections.
     let status = fleet.status();
+    let mut decisions = 0;
     for w in workers(&status) {
         let slot = w["slot"].as_u64().unwrap() as usize;
-        assert_eq!(
-            w["dispatched"].as_u64(),
-            counts.get(&slot).copied(),
-            "status's dispatched for worker {slot}: {status:#}"
+        let dispatched = w["dispatched"].as_u64().unwrap();
+        decisions += dispatched;
+        assert!(
+            dispatched >= counts.get(&slot).copied().unwrap_or(0),
+            "status's dispatched for worker {slot} is below its answers {counts:?}: {status:#}"
         );
     }
+    assert!(
+        decisions <= REQUESTS as u64 + REQUESTS as u64 / 100,
+        "{decisions} decisions for {REQUESTS} connections: {status:#}"
+    );
     let log = fleet.log();
     assert!(
         log.contains("(web, reuseport)"),
