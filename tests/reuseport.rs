@@ -694,33 +694,29 @@ fn without_cap_bpf_an_explicit_reuseport_exits_78_and_says_why() {
     );
 }
 
-/// A socket unit's socket (bound by root) and a service running as another user: the kernel
-/// refuses that user's worker listeners in the socket's group, so the default serves shared
-/// and says which uids differ.
-#[test]
-fn another_uid_than_the_socket_s_serves_shared_and_names_the_uid() {
-    if !require_root() || !require_setpriv() {
-        return;
-    }
-    let socket = tcp_listener();
-    let port = socket.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
-    let control = dir.path().join("control.sock");
+/// sockvisor as uid 65534 under `setpriv` with `setpriv_caps` (e.g. `--inh-caps=+bpf`), its
+/// control socket in a directory of that uid: `--workers 2 --listen LISTEN -- stdlib`.
+fn as_nobody(setpriv_caps: &[&str], listen: &str, control_dir: &Path) -> FleetBuilder {
+    std::os::unix::fs::chown(control_dir, Some(65534), Some(65534)).unwrap();
     let mut args: Vec<String> = ["--reuid=65534", "--regid=65534", "--clear-groups"]
-        .map(String::from)
-        .to_vec();
+        .iter()
+        .chain(setpriv_caps)
+        .map(|s| s.to_string())
+        .collect();
     args.push(sockvisor_bin().display().to_string());
-    args.extend(["--workers", "2", "--listen", "web", "--"].map(String::from));
+    args.extend(["--workers", "2", "--listen", listen, "--"].map(String::from));
     args.extend(Program::Stdlib.command());
-    let fleet = FleetBuilder::program("/usr/bin/setpriv", args)
-        .env("SOCKVISOR_CONTROL_SOCKET", &control)
-        .pass(socket, "web")
-        .start();
-    let status = fleet.wait_until("status as uid 65534", T, || {
+    FleetBuilder::program("/usr/bin/setpriv", args)
+        .env("SOCKVISOR_CONTROL_SOCKET", control_dir.join("control.sock"))
+}
+
+/// `sockvisor status --json` as uid 65534 (the client refuses a server of another uid), once
+/// both workers are ready.
+fn status_as_nobody(fleet: &Fleet, control_dir: &Path) -> serde_json::Value {
+    fleet.wait_until("status as uid 65534", T, || {
         let out = Command::new(sockvisor_bin())
             .args(["status", "--json", "--control"])
-            .arg(&control)
+            .arg(control_dir.join("control.sock"))
             .env_remove("SOCKVISOR_CONTROL_SOCKET")
             .uid(65534)
             .gid(65534)
@@ -729,7 +725,25 @@ fn another_uid_than_the_socket_s_serves_shared_and_names_the_uid() {
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let w = workers(&s);
         (w.len() == 2 && w.iter().all(|w| w["state"] == "ready")).then_some(s)
-    });
+    })
+}
+
+/// A socket unit's socket (bound by root) and a service running as another user: the kernel
+/// refuses that user's worker listeners in the socket's group, so the default serves shared
+/// and says which uids differ (before it would say that CAP_BPF is missing: with it, the uid
+/// would still be wrong).
+#[test]
+fn another_uid_than_the_socket_s_serves_shared_and_names_the_uid() {
+    if !require_root() || !require_setpriv() {
+        return;
+    }
+    let socket = tcp_listener();
+    let port = socket.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = as_nobody(&[], "web", dir.path())
+        .pass(socket, "web")
+        .start();
+    let status = status_as_nobody(&fleet, dir.path());
     let l = listener_status(&status);
     assert_eq!(l["policy"], "shared", "{l:#}");
     let why = "sockvisor runs as uid 65534 but the socket was bound by uid 0";
@@ -745,6 +759,38 @@ fn another_uid_than_the_socket_s_serves_shared_and_names_the_uid() {
     let (counts, failures) = sequential(port, 100);
     assert!(failures.is_empty(), "{failures:?}");
     eprintln!("as uid 65534 with root's socket (shared): 100 requests: {counts:?}");
+}
+
+/// `CAP_BPF` in linux/capability.h.
+const CAP_BPF: u32 = 39;
+
+/// A non-root sockvisor with CAP_BPF alone (`AmbientCapabilities=CAP_BPF`), binding its own
+/// socket: the default steers (the program loads without CAP_PERFMON or CAP_SYS_ADMIN).
+#[test]
+fn a_non_root_sockvisor_with_cap_bpf_alone_steers() {
+    if !require_root() || !require_setpriv() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = as_nobody(
+        &["--inh-caps=+bpf", "--ambient-caps=+bpf"],
+        "web=tcp://127.0.0.1:0",
+        dir.path(),
+    )
+    .start();
+    let port = fleet.port("web");
+    let status = status_as_nobody(&fleet, dir.path());
+    assert_eq!(
+        effective_caps(fleet.pid()),
+        1u64 << CAP_BPF,
+        "sockvisor has CAP_BPF and nothing else"
+    );
+    let l = listener_status(&status);
+    assert_eq!(l["policy"], "reuseport", "{l:#}\n{}", fleet.log());
+    let (counts, failures) = sequential(port, 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    eprintln!("as uid 65534 with CAP_BPF alone: 100 requests: {counts:?}");
+    assert_eq!(counts, BTreeMap::from([(0, 50), (1, 50)]));
 }
 
 // ---- 6. UDP by flow ------------------------------------------------------------------------
