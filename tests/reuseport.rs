@@ -579,11 +579,13 @@ fn a_worker_gets_nothing_before_its_ready() {
     let (counts, failures) = sequential(port, 300);
     assert!(failures.is_empty(), "{failures:?}");
     eprintln!("worker 2 (pid {slow}) not ready: 300 requests: {counts:?}");
-    assert_eq!(
-        counts,
-        BTreeMap::from([(0, 100), (1, 100), (3, 100)]),
-        "round robin over the 3 ready workers, none to worker 2"
+    assert!(
+        !counts.contains_key(&2),
+        "worker 2 answered before its READY=1: {counts:?}"
     );
+    // Round robin over the 3 ready workers (100 each; a SYN decided twice, see
+    // `balance_under_the_default_policy`, may shift one).
+    assert!(ratio(&counts, 3) <= 1.05, "{counts:?}");
     let s = fleet.status();
     let w2 = workers(&s).into_iter().find(|w| w["slot"] == 2).unwrap();
     assert_eq!(w2["state"], "starting", "{w2:#}");
@@ -594,10 +596,7 @@ fn a_worker_gets_nothing_before_its_ready() {
     let (counts, failures) = sequential(port, 400);
     assert!(failures.is_empty(), "{failures:?}");
     eprintln!("worker 2 ready: 400 requests: {counts:?}");
-    assert_eq!(
-        counts,
-        BTreeMap::from([(0, 100), (1, 100), (2, 100), (3, 100)])
-    );
+    assert!(ratio(&counts, 4) <= 1.05, "{counts:?}");
 }
 
 // ---- 5. the fallback ---------------------------------------------------------------------
@@ -790,7 +789,7 @@ fn a_non_root_sockvisor_with_cap_bpf_alone_steers() {
     let (counts, failures) = sequential(port, 100);
     assert!(failures.is_empty(), "{failures:?}");
     eprintln!("as uid 65534 with CAP_BPF alone: 100 requests: {counts:?}");
-    assert_eq!(counts, BTreeMap::from([(0, 50), (1, 50)]));
+    assert!(ratio(&counts, 2) <= 1.05, "{counts:?}");
 }
 
 // ---- 6. UDP by flow ------------------------------------------------------------------------
