@@ -342,16 +342,21 @@ fn nothing_lost_when_a_stopped_worker_is_killed(program: Program) {
             .find(|w| w["pid"] == stopped)
             .map_or(0, |w| w["queued"].as_u64().unwrap())
     };
-    let s = fleet.wait_status("5 connections queued on the stopped worker", |s| {
-        queued(s) == 5
-    });
-    fleet.wait_until("the 15 others answered", T, || {
-        (clients.iter().filter(|c| c.is_finished()).count() == 15).then_some(())
+    // Round robin gives it 5 of the 20 (one more or less if a SYN is decided twice): they
+    // wait on its listener while the others are answered.
+    let waiting = fleet.wait_until("the others answered, the rest queued on it", T, || {
+        let waiting = queued(&fleet.status());
+        let answered = clients.iter().filter(|c| c.is_finished()).count() as u64;
+        (waiting > 0 && answered + waiting == 20).then_some(waiting)
     });
     eprintln!(
-        "{}: worker 1 (pid {stopped}) stopped, 20 concurrent connections: {} queued on it",
-        program.name(),
-        queued(&s)
+        "{}: worker 1 (pid {stopped}) stopped, 20 concurrent connections: {waiting} queued on \
+         it",
+        program.name()
+    );
+    assert!(
+        (4..=6).contains(&waiting),
+        "about a quarter of 20: {waiting}"
     );
     signal_group(stopped, libc::SIGKILL);
     let results: Vec<Result<String, String>> =
@@ -368,7 +373,10 @@ fn nothing_lost_when_a_stopped_worker_is_killed(program: Program) {
         by.iter().all(|&(_, pid)| pid != stopped),
         "the killed worker answered nothing: {by:?}"
     );
-    fleet.wait_log("5 queued connections handed to other workers", T);
+    fleet.wait_log(
+        &format!("{waiting} queued connections handed to other workers"),
+        T,
+    );
 }
 
 #[test]
