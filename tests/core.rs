@@ -129,36 +129,6 @@ fn self_bound_tcp_and_udp_with_three_workers() {
     );
 }
 
-/// A port the kernel just gave out for both TCP and UDP on 127.0.0.1, closed again: only for
-/// systemd-socket-activate, which cannot bind port 0 itself (`on_a_free_port`).
-fn unused_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// Run `scenario` on a port for systemd-socket-activate (which refuses port 0). Another
-/// process may take the port between `unused_port` and the bind: systemd-socket-activate then
-/// exits with "Address already in use", the scenario returns `Err(its log)`, and it starts
-/// over on another port (a few times), so a taken port is never a failure of the test.
-fn on_a_free_port(mut scenario: impl FnMut(u16) -> Result<(), String>) {
-    for attempt in 1..=5 {
-        let port = unused_port();
-        match scenario(port) {
-            Ok(()) => return,
-            Err(log) if log.contains("Address already in use") => {
-                eprintln!("port {port} was taken meanwhile (attempt {attempt}): {log}")
-            }
-            Err(log) => panic!("{log}"),
-        }
-    }
-    panic!("five ports in a row were taken before systemd-socket-activate could bind them");
-}
-
 #[test]
 fn under_systemd_socket_activate() {
     if !require(

@@ -3,12 +3,8 @@
 mod common;
 use common::*;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
@@ -61,143 +57,6 @@ fn wait_workers(fleet: &Fleet, n: usize) {
     });
 }
 
-/// How reading one HTTP response ended.
-enum Response {
-    Complete(String),
-    /// The server closed the connection (end of file) before the first byte of the answer:
-    /// on a reused keep-alive connection, the one outcome an HTTP client retries (the server
-    /// closed it as idle; the request never reached the application).
-    ClosedBeforeAnyByte,
-    /// Anything else: an error or a timeout, or end of file in the middle of the answer.
-    Failed(String),
-}
-
-/// Read one HTTP response (headers + Content-Length body).
-fn read_response(r: &mut BufReader<TcpStream>) -> Response {
-    let mut head = String::new();
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        match r.read_line(&mut line) {
-            Ok(0) if head.is_empty() => return Response::ClosedBeforeAnyByte,
-            Ok(0) => return Response::Failed(format!("end of file after {head:?}")),
-            Ok(_) => {}
-            Err(e) => return Response::Failed(format!("{e} after {head:?}{line:?}")),
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-        head.push_str(&line);
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    if let Err(e) = r.read_exact(&mut body) {
-        return Response::Failed(format!("{e} in the body after {head:?}"));
-    }
-    Response::Complete(head + &String::from_utf8_lossy(&body))
-}
-
-/// What the client threads saw. Every request is counted once: answered, retried (the one
-/// allowed case, see `Response::ClosedBeforeAnyByte`), or failed.
-#[derive(Default)]
-struct Load {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    /// Requests retried on a new connection because a reused keep-alive connection was
-    /// closed cleanly before any byte of their answer (a draining worker closing it as idle).
-    retried: AtomicU64,
-    /// The first failures, for the assertion message.
-    failures: std::sync::Mutex<Vec<String>>,
-}
-
-impl Load {
-    fn fail(&self, what: String) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.failures.lock().unwrap();
-        if f.len() < 20 {
-            f.push(what);
-        }
-    }
-
-    fn summary(&self) -> (u64, u64, u64, Vec<String>) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            self.retried.load(Ordering::Relaxed),
-            self.failures.lock().unwrap().clone(),
-        )
-    }
-}
-
-/// Client threads until `stop`: new-connection-per-request and keep-alive.
-fn run_load(port: u16, stop: Arc<AtomicBool>, load: Arc<Load>) -> Vec<std::thread::JoinHandle<()>> {
-    let mut threads = Vec::new();
-    for _ in 0..2 {
-        let (stop, load) = (stop.clone(), load.clone());
-        threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(port) {
-                    Ok(b) if b.contains("hello from worker") => {
-                        load.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(b) => load.fail(format!("new connection: bad answer {b:?}")),
-                    Err(e) => load.fail(format!("new connection: {e}")),
-                }
-            }
-        }));
-    }
-    for _ in 0..2 {
-        let (stop, load) = (stop.clone(), load.clone());
-        threads.push(std::thread::spawn(move || {
-            let connect = || -> std::io::Result<BufReader<TcpStream>> {
-                let s = TcpStream::connect(("127.0.0.1", port))?;
-                s.set_read_timeout(Some(T))?;
-                Ok(BufReader::new(s))
-            };
-            // The connection, and whether it already carried an answer (reused).
-            let mut conn: Option<(BufReader<TcpStream>, bool)> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let (c, reused) = match conn.take() {
-                    Some(c) => c,
-                    None => match connect() {
-                        Ok(c) => (c, false),
-                        Err(e) => {
-                            load.fail(format!("keep-alive connect: {e}"));
-                            continue;
-                        }
-                    },
-                };
-                let mut c = c;
-                if let Err(e) = c.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") {
-                    load.fail(format!("keep-alive write (reused: {reused}): {e}"));
-                    continue;
-                }
-                match read_response(&mut c) {
-                    Response::Complete(r) if r.contains("hello from worker") => {
-                        load.ok.fetch_add(1, Ordering::Relaxed);
-                        if !r.to_ascii_lowercase().contains("connection: close") {
-                            conn = Some((c, true));
-                        }
-                    }
-                    Response::Complete(r) => load.fail(format!("keep-alive: bad answer {r:?}")),
-                    // Closed as idle by a draining worker: the request is sent again on a new
-                    // connection (the next turn), as HTTP clients do.
-                    Response::ClosedBeforeAnyByte if reused => {
-                        load.retried.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Response::ClosedBeforeAnyByte => {
-                        load.fail("keep-alive: a new connection closed without an answer".into())
-                    }
-                    Response::Failed(e) => load.fail(format!("keep-alive (reused: {reused}): {e}")),
-                }
-            }
-        }));
-    }
-    threads
-}
-
 #[test]
 fn five_reloads_under_load_fail_no_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,9 +64,7 @@ fn five_reloads_under_load_fail_no_request() {
     write_config(&config, 3, &hello_cmd());
     let (fleet, mut notify) = start(&config);
     let port = fleet.port("web");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Load::default());
-    let threads = run_load(port, stop.clone(), load.clone());
+    let load = ClientLoop::start(port, "hello from worker");
     let mut seen_pids = pids(&fleet);
     for round in 1..=5 {
         let before = pids(&fleet);
@@ -235,11 +92,12 @@ fn five_reloads_under_load_fail_no_request() {
             .all(|w| w["generation"] == round + 1));
         seen_pids.extend(after);
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let (ok, failed, retried, failures) = load.summary();
+    let LoadSummary {
+        ok,
+        failed,
+        retried,
+        failures,
+    } = load.finish();
     eprintln!("5 reloads under load: {ok} requests ok, {failed} failed, {retried} retried after a keep-alive close, {} worker pids", seen_pids.len());
     assert_eq!(failed, 0, "failed requests: {failures:#?}\n{}", fleet.log());
     assert!(ok > 100, "the load ran ({ok})");
@@ -329,9 +187,7 @@ fn scaling_by_signal_and_command_without_failing_requests() {
     write_config(&config, 2, &hello_cmd());
     let (fleet, _notify) = start(&config);
     let port = fleet.port("web");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = Arc::new(Load::default());
-    let threads = run_load(port, stop.clone(), load.clone());
+    let load = ClientLoop::start(port, "hello from worker");
     fleet.signal(libc::SIGTTIN);
     wait_workers(&fleet, 3);
     fleet.signal(libc::SIGTTOU);
@@ -353,11 +209,12 @@ fn scaling_by_signal_and_command_without_failing_requests() {
         .map(|w| w["slot"].as_u64().unwrap())
         .collect();
     assert_eq!(slots, [0]);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let (ok, failed, retried, failures) = load.summary();
+    let LoadSummary {
+        ok,
+        failed,
+        retried,
+        failures,
+    } = load.finish();
     eprintln!("scaling under load: {ok} requests ok, {failed} failed, {retried} retried after a keep-alive close");
     assert_eq!(failed, 0, "failed requests: {failures:#?}\n{}", fleet.log());
     assert!(ok > 0, "the load ran");

@@ -71,11 +71,16 @@ Usage:
   sockvisor messages --follow [--json] [--control PATH] [-c FILE]
 
 sockvisor takes its sockets from systemd (LISTEN_FDS/LISTEN_FDNAMES) or binds
-the --listen addresses itself, forks the workers, shares datagram sockets with
-them and hands each accepted stream connection to a worker over SCM_RIGHTS (or
-lets them all accept on the socket with --dispatch shared). Options stop at the
-first word that is not an option, or at `--`; the command may also come from the
-config file.
+the --listen addresses itself and forks the workers. By default (--dispatch
+auto) each worker gets its own listening socket at fd 3, all in one SO_REUSEPORT
+group, and a small eBPF program sends each new connection to the next ready
+worker in turn (each UDP flow to one worker): a program written for socket
+activation runs unchanged, with round robin. Where that cannot run (no CAP_BPF
+or CAP_SYS_ADMIN, Linux < 5.14, another uid than the socket's) the workers share
+the socket (shared) and the log and `status` say why. The channel policies hand
+each accepted connection to a worker over SCM_RIGHTS instead (workers that speak
+sockvisor's channel protocol). Options stop at the first word that is not an
+option, or at `--`; the command may also come from the config file.
 
 Options (every option is also a config key and a SOCKVISOR_* variable;
 command line > environment > config file):

@@ -141,9 +141,10 @@ pub(crate) const KEYS: &[Key] = &[
         arg: "POLICY",
         kind: Kind::Policy,
         default: Default::Value("auto"),
-        help: "auto | reuseport | shared (any program); round-robin | ip-hash | \
-               least-connections (workers that speak the channel protocol, TCP/unix only)",
-        doc: "default policy of every listener: `auto` (`reuseport` where it can run, else `shared`), `reuseport`, `shared` serve any program; `round-robin`, `ip-hash`, `least-connections` need workers that speak the channel protocol (streams only). See [Dispatch policies](#dispatch-policies)",
+        help: "auto (reuseport where it can run, else shared) | reuseport | shared \
+               (any program); round-robin | ip-hash | least-connections (workers that \
+               speak the channel protocol, TCP/unix only)",
+        doc: "default policy of every listener. Any program serves under `auto` (`reuseport` where it can run, else `shared`, saying why in the log and in `status`), `reuseport` (the kernel sends each new connection to the next ready worker, each UDP flow to one worker; needs CAP_BPF or CAP_SYS_ADMIN, Linux 5.14 and the socket's uid) and `shared` (the workers accept on one socket; the kernel picks who wakes up); `round-robin`, `ip-hash`, `least-connections` need workers that speak the channel protocol (streams only). See [Dispatch policies](#dispatch-policies)",
         ..BASE
     },
     Key {

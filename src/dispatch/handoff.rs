@@ -51,6 +51,8 @@ struct WorkerChannel {
     in_rotation: bool,
     /// Connections sent on this channel.
     dispatched: u64,
+    /// Connections taken back from it unreceived (it was leaving or wedged).
+    taken_back: u64,
     /// Connections the worker reported closed (least-connections).
     reported_closed: u64,
     /// Whether it ever sent a close report.
@@ -58,7 +60,7 @@ struct WorkerChannel {
     /// Queue depth as last read with FIONREAD, plus what was sent since: an upper bound of
     /// the real depth, so the FIONREAD is needed only when this reaches the window.
     queued_bound: usize,
-    /// `dispatched - queued` at the last wedge check, and when it last moved.
+    /// `received` at the last wedge check, and when it last moved.
     received_at_check: u64,
     progress_at: Instant,
 }
@@ -70,9 +72,16 @@ impl WorkerChannel {
         self.queued_bound
     }
 
+    /// Connections the worker took from its channel, given what is still queued in it.
+    fn received(&self, queued: usize) -> u64 {
+        self.dispatched
+            .saturating_sub(self.taken_back)
+            .saturating_sub(queued as u64)
+    }
+
     fn open(&self) -> Option<u64> {
         self.reports
-            .then(|| self.dispatched.saturating_sub(self.reported_closed))
+            .then(|| self.received(0).saturating_sub(self.reported_closed))
     }
 }
 
@@ -352,6 +361,7 @@ impl ListenerDispatch for Handoff {
                 ready: false,
                 in_rotation: true,
                 dispatched: 0,
+                taken_back: 0,
                 reported_closed: 0,
                 reports: false,
                 queued_bound: 0,
@@ -427,6 +437,7 @@ impl ListenerDispatch for Handoff {
             return 0;
         }
         let n = take_back(&c.channel, &mut self.pending_connections);
+        c.taken_back += n as u64;
         self.reclaimed += n as u64;
         n
     }
@@ -451,8 +462,7 @@ impl ListenerDispatch for Handoff {
 
     fn diagnose(&self, pid: Pid) -> Option<String> {
         let c = self.channels.get(&pid)?;
-        let received = c.dispatched.saturating_sub(c.channel.queued() as u64);
-        (received == 0).then(|| self.wrong_mode_hint())
+        (c.received(c.channel.queued()) == 0).then(|| self.wrong_mode_hint())
     }
 
     fn listener_readable(&mut self, poller: &Poller, now: Instant) {
@@ -540,7 +550,7 @@ impl ListenerDispatch for Handoff {
         let hint = self.wrong_mode_hint();
         for c in self.channels.values_mut().filter(|c| c.ready) {
             let queued = c.refresh_queued();
-            let received = c.dispatched.saturating_sub(queued as u64);
+            let received = c.received(queued);
             if queued == 0 || received != c.received_at_check {
                 c.received_at_check = received;
                 c.progress_at = now;

@@ -21,6 +21,16 @@ pub fn enable_reuseport(socket: BorrowedFd<'_>) -> io::Result<()> {
 /// socket. `O_CLOEXEC`. It joins the anchor's group: the caller must have the uid that
 /// created the anchor (the kernel refuses another uid with `EADDRINUSE`).
 pub fn sibling(anchor: BorrowedFd<'_>, backlog: i32) -> io::Result<OwnedFd> {
+    let s = bound_sibling(anchor)?;
+    listen_sibling(s.as_fd(), backlog)?;
+    Ok(s)
+}
+
+/// [`sibling`] up to the bind: bound to the anchor's address, not yet in its group, so the
+/// kernel sends it nothing. The bind is where another uid than the anchor's is refused
+/// (`EADDRINUSE`), which makes this the cheap way to learn whether we may join the group.
+/// `SO_REUSEADDR` is copied from the anchor (stream sockets only).
+pub fn bound_sibling(anchor: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let addr: SockaddrStorage = getsockname(anchor.as_raw_fd())?;
     let family = addr
         .family()
@@ -29,6 +39,13 @@ pub fn sibling(anchor: BorrowedFd<'_>, backlog: i32) -> io::Result<OwnedFd> {
     let kind = getsockopt(&anchor, sockopt::SockType)?;
     let s = socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&s, sockopt::ReusePort, &true)?;
+    if kind == SockType::Stream && getsockopt(&anchor, sockopt::ReuseAddr)? {
+        // The connections the anchor took before it had SO_REUSEPORT (the one that
+        // socket-activated the service, waiting in its queue) hold the port without it; the
+        // kernel lets a new socket bind beside them only if both have SO_REUSEADDR, which
+        // systemd (and sockvisor) set on every listening socket.
+        setsockopt(&s, sockopt::ReuseAddr, &true)?;
+    }
     if family == AddressFamily::Inet6 {
         let v6only = getsockopt(&anchor, sockopt::Ipv6V6Only)?;
         setsockopt(&s, sockopt::Ipv6V6Only, &v6only)?;
@@ -38,10 +55,32 @@ pub fn sibling(anchor: BorrowedFd<'_>, backlog: i32) -> io::Result<OwnedFd> {
         setsockopt(&s, sockopt::BindToDevice, &device)?;
     }
     bind(s.as_raw_fd(), &addr)?;
-    if kind == SockType::Stream {
+    Ok(s)
+}
+
+/// The second half of [`sibling`]: a stream socket listens (and joins the group); a datagram
+/// socket is in the group from its bind.
+pub fn listen_sibling(s: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
+    if getsockopt(&s, sockopt::SockType)? == SockType::Stream {
         listen(&s, backlog_of(backlog)?)?;
     }
-    Ok(s)
+    Ok(())
+}
+
+/// The uid that created `socket` (the socket's inode owner, which the kernel compares when a
+/// sibling binds), from `/proc/net/{tcp,tcp6,udp,udp6}`; `None` if it cannot be found.
+pub fn owner_uid(socket: BorrowedFd<'_>) -> Option<u32> {
+    let inode = nix::sys::stat::fstat(socket).ok()?.st_ino.to_string();
+    ["tcp", "tcp6", "udp", "udp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(format!("/proc/net/{table}")).ok()?;
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+        text.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(9) == Some(&inode.as_str()))
+                .then(|| f.get(7)?.parse().ok())
+                .flatten()
+        })
+    })
 }
 
 fn backlog_of(n: i32) -> io::Result<Backlog> {

@@ -54,8 +54,11 @@ const SCHEDULE_SHIFT: i32 = 10;
 pub const HEADER_LEN_MASK: u32 = 0x7fff_ffff;
 /// The header bit that names the active half.
 pub const HEADER_HALF_BIT: u32 = 31;
-/// Consecutive schedule positions tried before falling back to the anchor.
-pub const MAX_TRIES: i32 = 32;
+/// Consecutive schedule positions tried before falling back to the anchor (where the
+/// connection waits for sockvisor to requeue it: it is never lost). More than this many
+/// scheduled listeners closed in a row before sockvisor updates the schedule (it does on
+/// SIGCHLD) means mass death; 8 tries cover every position of a fleet of up to 8.
+pub const MAX_TRIES: i32 = 8;
 /// The anchor's member key.
 pub const ANCHOR_KEY: u32 = 0;
 
@@ -125,7 +128,7 @@ fn lookup_key(a: &mut Asm, map: i32) {
 
 /// The program's instructions for these maps. Registers kept across helper calls:
 /// R6 the context; R7 the migrating socket (probe part), then the schedule position; R8 the
-/// base of the active half; R9 the tries left.
+/// base of the active half.
 pub fn instructions(maps: &MapFds) -> Vec<Insn> {
     let unselected = maps.capacity as i32 + 1;
     let mut a = Asm::new();
@@ -182,25 +185,26 @@ pub fn instructions(maps: &MapFds) -> Vec<Insn> {
     a.label("by_flow");
     a.push(load(Size::W, R7, R6, CTX_HASH)); // r7 = ctx->hash (the flow's 4-tuple hash)
 
-    // Try up to MAX_TRIES consecutive positions from the turn.
+    // Try up to MAX_TRIES consecutive positions from the turn, unrolled: a loop's back edge
+    // makes the verifier walk it again and again, and without CAP_PERFMON (CAP_BPF alone,
+    // as a non-root sockvisor has it) it gives up ("the sequence of 8193 jumps is too
+    // complex"). A try that selects goes to "count"; one that fails falls through to the next.
     a.label("try_members");
-    a.push(mov64_imm(R9, MAX_TRIES)); // r9 = tries left
-    a.label("next_try");
-    a.jump_if_imm(Cond::Eq, R9, 0, "anchor"); // every try failed
-    a.push(add64_imm(R9, -1)); // r9 -= 1
-    a.push(mov64_reg(R1, R7)); // r1 = position
-    a.push(load(Size::DW, R2, R10, STACK_LEN)); // r2 = len
-    a.push(mod64_reg(R1, R2)); // r1 = position % len
-    a.push(add64_reg(R1, R8)); // r1 = index in the active half
-    a.push(add64_imm(R7, 1)); // position += 1 for the next try
-    a.push(store_reg(Size::W, R10, STACK_KEY, R1)); // key = index
-    lookup_key(&mut a, maps.schedule); // r0 = &schedule[index]
-    a.jump_if_imm(Cond::Eq, R0, 0, "next_try"); // (never: index < 2 * capacity)
-    a.push(load(Size::W, R1, R0, 0)); // r1 = member key at that position
-    a.push(store_reg(Size::W, R10, STACK_MEMBER, R1)); // member = r1
-    select_member(&mut a, maps.sockets);
-    a.jump_if_imm(Cond::Eq, R0, 0, "count"); // selected
-    a.goto("next_try"); // that member's listener is gone: the next position
+    for _ in 0..MAX_TRIES {
+        a.push(mov64_reg(R1, R7)); // r1 = position
+        a.push(load(Size::DW, R2, R10, STACK_LEN)); // r2 = len
+        a.push(mod64_reg(R1, R2)); // r1 = position % len
+        a.push(add64_reg(R1, R8)); // r1 = index in the active half
+        a.push(add64_imm(R7, 1)); // position += 1 for the next try
+        a.push(store_reg(Size::W, R10, STACK_KEY, R1)); // key = index
+        lookup_key(&mut a, maps.schedule); // r0 = &schedule[index]
+        a.jump_if_imm(Cond::Eq, R0, 0, "anchor"); // (never: index < 2 * capacity)
+        a.push(load(Size::W, R1, R0, 0)); // r1 = member key at that position
+        a.push(store_reg(Size::W, R10, STACK_MEMBER, R1)); // member = r1
+        select_member(&mut a, maps.sockets);
+        a.jump_if_imm(Cond::Eq, R0, 0, "count"); // selected
+                                                 // That member's listener is gone: the next position.
+    }
 
     // 3. Anchor: nobody ready, or no scheduled listener left.
     a.label("anchor");
@@ -266,7 +270,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_assembles_within_a_few_dozen_instructions() {
+    fn program_assembles_within_a_few_hundred_instructions() {
         let maps = MapFds {
             sockets: 3,
             schedule: 4,
@@ -277,8 +281,8 @@ mod tests {
             capacity: 8,
         };
         let p = instructions(&maps);
-        // Each of the 12 map loads takes two slots.
+        // Each map load takes two slots; the tries are unrolled (MAX_TRIES copies).
         eprintln!("MEASURE program length: {} instruction slots", p.len());
-        assert!(p.len() < 140, "{} instructions", p.len());
+        assert!(p.len() < 300, "{} instructions", p.len());
     }
 }

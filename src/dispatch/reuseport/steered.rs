@@ -94,6 +94,30 @@ pub struct Steered {
     split: Option<Split>,
 }
 
+/// Why a worker listener cannot bind beside `anchor`.
+fn cannot_join(anchor: BorrowedFd<'_>, e: &io::Error) -> String {
+    if e.raw_os_error() != Some(libc::EADDRINUSE) {
+        return format!("cannot open a worker listener beside the socket: {e}");
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    match listener::owner_uid(anchor) {
+        Some(owner) if owner == me => {
+            // Sockets of our uid on the port without SO_REUSEPORT: connections the socket
+            // took before it had it, when it was bound without SO_REUSEADDR.
+            format!(
+                "cannot bind a worker listener to the socket's address: {e} (connections that \
+                 reached the socket before sockvisor made it shareable hold the port; \
+                 ReusePort=yes in the socket unit avoids that)"
+            )
+        }
+        owner => format!(
+            "sockvisor runs as uid {me} but the socket was bound by {} (run sockvisor as the \
+             socket's user: the service's User= must match the socket unit's)",
+            owner.map_or_else(|| "another user".to_string(), |uid| format!("uid {uid}"))
+        ),
+    }
+}
+
 impl Steered {
     /// Set up the group around `listener`, or say why it cannot run (the caller falls back to
     /// `shared` and gets the listener back).
@@ -161,20 +185,14 @@ impl Steered {
             listener::enable_reuseport(anchor)
                 .map_err(|e| format!("cannot set SO_REUSEPORT on the socket: {e}"))?;
         }
+        // The first worker listener, bound but not listening yet, proves that sockvisor may
+        // join the group: the kernel refuses a socket of another uid than the anchor's. This
+        // comes before the program: without the right uid, CAP_BPF would not help.
+        let first = listener::bound_sibling(anchor).map_err(|e| cannot_join(anchor, &e))?;
         let group =
             SteeredGroup::new(CAPACITY, AttachType::SelectOrMigrate).map_err(|e| e.to_string())?;
-        // The first worker listener also proves that sockvisor may join the group: the
-        // kernel refuses a socket of another uid than the anchor's.
-        let first = listener::sibling(anchor, backlog).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EADDRINUSE) {
-                format!(
-                    "sockvisor runs as uid {} but the socket was bound by another user (run sockvisor as the socket's user: the service's User= must match the socket unit's)",
-                    nix::unistd::geteuid()
-                )
-            } else {
-                format!("cannot open a worker listener beside the socket: {e}")
-            }
-        })?;
+        listener::listen_sibling(first.as_fd(), backlog)
+            .map_err(|e| format!("cannot listen on a worker listener beside the socket: {e}"))?;
         let attached = match group.insert(Key::ANCHOR, anchor) {
             Ok(()) => {
                 group

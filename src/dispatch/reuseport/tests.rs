@@ -780,6 +780,48 @@ fn a_sibling_of_another_uid_is_refused() {
     assert_eq!(out.get("bind").map(String::as_str), Some("98")); // EADDRINUSE
 }
 
+/// Socket activation: the connection that started the service waits in the anchor's queue,
+/// taken before the anchor had `SO_REUSEPORT` (systemd binds without it). That connection
+/// holds the port without `SO_REUSEPORT`, so a sibling's bind is refused unless both have
+/// `SO_REUSEADDR`, which systemd sets on every listening socket: `sibling` copies it.
+#[test]
+fn a_sibling_binds_beside_a_connection_taken_before_reuseport() {
+    if !gate("a_sibling_binds_beside_a_connection_taken_before_reuseport") {
+        return;
+    }
+    for reuseaddr in [true, false] {
+        let s = stream_socket(AddressFamily::Inet);
+        setsockopt(&s, sockopt::ReuseAddr, &reuseaddr).unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        bind(s.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+        listen(&s, Backlog::new(128).unwrap()).unwrap();
+        let anchor = TcpListener::from(s);
+        let _client = TcpStream::connect(anchor.local_addr().unwrap()).unwrap();
+        let mut fds = [PollFd::new(anchor.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(
+            &mut fds,
+            PollTimeout::try_from(T.as_millis() as i32).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ready, 1, "the connection waits in the anchor's queue");
+        listener::enable_reuseport(anchor.as_fd()).unwrap();
+        let r = listener::sibling(anchor.as_fd(), 128);
+        eprintln!(
+            "MEASURE sibling bind beside a connection queued before SO_REUSEPORT, anchor \
+             SO_REUSEADDR={reuseaddr}: {:?}",
+            r.as_ref().map(|_| "ok").map_err(|e| e.raw_os_error())
+        );
+        if reuseaddr {
+            r.expect("binds beside it");
+        } else {
+            assert_eq!(
+                r.err().and_then(|e| e.raw_os_error()),
+                Some(libc::EADDRINUSE)
+            );
+        }
+    }
+}
+
 // ---- 4. what the kernel does with each answer, and a dead holder -------------------------
 
 #[test]
