@@ -79,7 +79,7 @@ sockvisor \- systemd-native process supervisor for socket-activated worker fleet
 [\fB\-\-json\fR] | \fBreload\fR | \fBscale\fR \fIN\fR
 .SH DESCRIPTION
 sockvisor takes its listening sockets from systemd (LISTEN_FDS/LISTEN_FDNAMES) or binds
-them, runs N workers of COMMAND and hands each accepted TCP connection to a worker.
+them, runs N workers of COMMAND and spreads new connections over them in round robin.
 It reports to systemd with sd_notify. This page is a placeholder: the package build
 regenerates it from \fBsockvisor \-\-help\fR with help2man.
 .SH EXIT STATUS
@@ -139,9 +139,11 @@ Homepage: https://example.org/sockvisor
 Description: systemd-native process supervisor for socket-activated worker fleets
  sockvisor runs N workers of any language behind systemd-activated sockets,
  like Node's cluster module: it takes the listening sockets from systemd,
- hands each accepted TCP connection to a worker over a SOCK_SEQPACKET channel
- (SCM_RIGHTS), shares UDP sockets, restarts crashed workers, reloads the
- fleet without dropping connections and reports to systemd with sd_notify.
+ gives each worker its own SO_REUSEPORT listener and steers every new
+ connection to the next ready worker with an eBPF program (any program
+ written for socket activation serves unchanged), restarts crashed workers,
+ reloads the fleet without dropping connections and reports to systemd with
+ sd_notify.
  .
  This package ships the sockvisor binary, the sockvisor@.service template
  (never enabled or started by the package) and an example configuration.
