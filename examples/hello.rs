@@ -16,6 +16,8 @@
 //! (exit with status 3 after N ms: a crashing worker), HELLO_BREAK_DIR=DIR (before each
 //! request: if DIR/<worker id> exists and says `500`, answer 500; if it says `hang`, never
 //! answer: a worker that turns bad while it runs).
+//! `GET /grow` answers like `/` and keeps HELLO_GROW_KB KiB (default 1024) more memory for good
+//! (a leak, for worker_memory_max tests).
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -521,6 +523,9 @@ fn serve(c: &mut Conn, r: &Replies, draining: bool, reqs: &mut u64) -> bool {
         let close = draining
             || has_token(conn_hdr, b"close")
             || (version == b"HTTP/1.0" && !has_token(conn_hdr, b"keep-alive"));
+        if path == b"/grow" {
+            grow();
+        }
         let which = usize::from(path == b"/pid") * 2 + usize::from(close);
         *reqs += 1;
         c.served += 1;
@@ -530,6 +535,20 @@ fn serve(c: &mut Conn, r: &Replies, draining: bool, reqs: &mut u64) -> bool {
         c.buf.drain(..end + 4);
     }
     true
+}
+
+/// Memory `/grow` keeps.
+static GROWN: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Keep HELLO_GROW_KB KiB more, written (so it is resident).
+fn grow() {
+    let kb: usize = std::env::var("HELLO_GROW_KB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    if let Ok(mut g) = GROWN.lock() {
+        g.push(vec![1u8; kb * 1024]);
+    }
 }
 
 /// `Some(true)` for "METHOD ", `Some(false)` for anything else, `None` while undecided.

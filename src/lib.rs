@@ -46,12 +46,14 @@
 //!     never the other way round.
 
 pub mod activation;
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod logging;
 pub mod messages;
 pub mod notify_server;
+pub mod observe;
 pub mod poller;
 pub mod protocol;
 pub mod runtime_files;

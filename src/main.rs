@@ -34,43 +34,59 @@ fn main() -> ExitCode {
             exit::OK
         }
         Ok(Invocation::Run(config)) => supervisor::run(*config, sources, passed, upstream),
-        Ok(Invocation::Status { control, json }) => {
-            client(&control, control::Request::Status, json)
-        }
-        Ok(Invocation::Reload { control, canary }) => {
-            client(&control, control::Request::Reload { canary }, false)
-        }
-        Ok(Invocation::Scale { control, workers }) => {
-            client(&control, control::Request::Scale { workers }, false)
+        Ok(Invocation::Status {
+            target,
+            json,
+            check,
+        }) => client(
+            &target,
+            control::Request::Status,
+            Output::Status { json, check },
+        ),
+        Ok(Invocation::Reload { target, canary }) => client(
+            &target,
+            control::Request::Reload { canary },
+            Output::Message,
+        ),
+        Ok(Invocation::Scale { target, workers }) => client(
+            &target,
+            control::Request::Scale { workers },
+            Output::Message,
+        ),
+        Ok(Invocation::Metrics { target }) => {
+            client(&target, control::Request::Metrics, Output::Metrics)
         }
         Ok(Invocation::Signal {
-            control,
+            target,
             signal,
             slot,
             generation,
         }) => client(
-            &control,
+            &target,
             control::Request::Signal {
                 signal,
                 slot,
                 generation,
             },
-            false,
+            Output::Message,
         ),
         Ok(Invocation::Send {
-            control,
+            target,
             slot,
             payload,
         }) => client(
-            &control,
+            &target,
             control::Request::Send {
                 slot,
                 payload: Some(payload),
                 payload_base64: None,
             },
-            false,
+            Output::Message,
         ),
-        Ok(Invocation::Messages { control, json }) => follow_messages(&control, json),
+        Ok(Invocation::Messages { target, json }) => match locate(&target, false) {
+            Some(path) => follow_messages(&path, json),
+            None => 1,
+        },
     };
     ExitCode::from(code as u8)
 }
@@ -143,15 +159,62 @@ fn print_event(out: &mut impl std::io::Write, event: control::Event) -> bool {
     }
 }
 
+/// What a client command prints.
+#[derive(Clone, Copy)]
+enum Output {
+    /// `status`: the table, `--json`, or with `--check` one line and the exit code.
+    Status {
+        json: bool,
+        check: bool,
+    },
+    Message,
+    Metrics,
+}
+
+/// `status --check`'s exit codes, for exec probes.
+mod check {
+    pub const READY: i32 = 0;
+    pub const NOT_READY: i32 = 1;
+    pub const NO_FLEET: i32 = 2;
+}
+
+/// The control socket of the fleet `target` names (control::locate), or `None` once the
+/// reason is printed. Unless `quiet`, says which fleet it found when nothing was named.
+fn locate(target: &config::Target, quiet: bool) -> Option<std::path::PathBuf> {
+    match control::locate::locate(
+        &target.control,
+        target.explicit,
+        target.name.as_deref(),
+        target.xdg_runtime_dir.as_deref(),
+    ) {
+        Ok((path, found)) => {
+            if let Some(fleet) = found.filter(|_| !quiet) {
+                eprintln!("sockvisor: the running fleet: {}", printable(&fleet));
+            }
+            Some(path)
+        }
+        Err(e) => {
+            eprintln!("sockvisor: {}", printable(&e));
+            None
+        }
+    }
+}
+
 /// Send one request to a running sockvisor and print the answer (with no control
-/// character that could drive the terminal).
-fn client(path: &std::path::Path, request: control::Request, json: bool) -> i32 {
-    let timeout = Duration::from_secs(600);
-    let reply = match control::request(path, &request, timeout) {
+/// character that could drive the terminal, but the metrics, printed as sent).
+fn client(target: &config::Target, request: control::Request, output: Output) -> i32 {
+    let checking = matches!(output, Output::Status { check: true, .. });
+    let failed = if checking { check::NO_FLEET } else { 1 };
+    let Some(path) = locate(target, checking) else {
+        return failed;
+    };
+    // A probe must answer within its own timeout: a short one for --check.
+    let timeout = Duration::from_secs(if checking { 10 } else { 600 });
+    let reply = match control::request(&path, &request, timeout) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sockvisor: {e}");
-            return 1;
+            return failed;
         }
     };
     if !reply.ok {
@@ -159,15 +222,35 @@ fn client(path: &std::path::Path, request: control::Request, json: bool) -> i32 
             "sockvisor: {}",
             printable(reply.error.as_deref().unwrap_or("request failed"))
         );
-        return 1;
+        return failed;
     }
-    match (&reply.status, json) {
-        (Some(status), true) => println!(
+    match (output, &reply.status) {
+        (Output::Metrics, _) => {
+            print!("{}", reply.metrics.as_deref().unwrap_or_default());
+        }
+        (Output::Status { check: true, .. }, Some(status)) => {
+            return match &status.not_ready {
+                None if status.ready => {
+                    println!("ready");
+                    check::READY
+                }
+                why => {
+                    println!(
+                        "not ready: {}",
+                        printable(why.as_deref().unwrap_or("unknown reason"))
+                    );
+                    check::NOT_READY
+                }
+            };
+        }
+        (Output::Status { json: true, .. }, Some(status)) => println!(
             "{}",
             serde_json::to_string_pretty(status).unwrap_or_default()
         ),
-        (Some(status), false) => print!("{}", control::format_status_table(status)),
-        (None, _) => {
+        (Output::Status { .. }, Some(status)) => {
+            print!("{}", control::format_status_table(status))
+        }
+        _ => {
             if let Some(m) = &reply.message {
                 println!("{}", printable(m));
             }

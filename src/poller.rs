@@ -32,6 +32,10 @@ pub enum Token {
     Probe(Pid),
     /// A worker's message socket (`messages = true`), by worker pid.
     Messages(Pid),
+    /// The HTTP listener of `/metrics` and the probes (`metrics_listen`).
+    HttpListener,
+    /// One of its connections, by connection id.
+    HttpClient(u32),
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -48,6 +52,8 @@ impl Token {
             Token::Channel { listener, pid } => (6, listener, pid.as_raw()),
             Token::Probe(pid) => (7, 0, pid.as_raw()),
             Token::Messages(pid) => (8, 0, pid.as_raw()),
+            Token::HttpListener => (9, 0, 0),
+            Token::HttpClient(id) => (10, 0, id as i32),
         };
         debug_assert!(listener <= MAX_LISTENERS);
         kind << KIND_SHIFT | (listener as u64 & 0xffff) << LISTENER_SHIFT | u64::from(pid as u32)
@@ -65,6 +71,8 @@ impl Token {
             6 => Token::Channel { listener, pid },
             7 => Token::Probe(pid),
             8 => Token::Messages(pid),
+            9 => Token::HttpListener,
+            10 => Token::HttpClient(data as u32),
             _ => return None,
         })
     }
@@ -141,10 +149,19 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let pids = [1, 2, 255, 256, 65_535, 65_536, 4_194_304, i32::MAX];
         let listeners = [0, 1, 255, 256, 257, 1024, MAX_LISTENERS];
-        let mut all = vec![Token::Signal, Token::Timer, Token::Notify, Token::Control];
+        let mut all = vec![
+            Token::Signal,
+            Token::Timer,
+            Token::Notify,
+            Token::Control,
+            Token::HttpListener,
+        ];
         all.extend(pids.iter().map(|&p| Token::Probe(Pid::from_raw(p))));
         for &p in &pids {
             all.push(Token::Messages(Pid::from_raw(p)));
+        }
+        for id in [0, 1, 65_536, u32::MAX] {
+            all.push(Token::HttpClient(id));
         }
         for &l in &listeners {
             all.push(Token::Listener(l));

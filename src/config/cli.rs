@@ -19,12 +19,15 @@ pub(crate) struct Cli {
     pub help: bool,
     pub version: bool,
     pub sub: Option<Sub>,
+    /// A client command's fleet name (`sockvisor status myapp`).
+    pub fleet: Option<String>,
 }
 
 #[derive(Debug)]
 pub(crate) enum Sub {
     Status {
         json: bool,
+        check: bool,
     },
     Reload {
         canary: Option<usize>,
@@ -44,18 +47,27 @@ pub(crate) enum Sub {
     Messages {
         json: bool,
     },
+    Metrics,
 }
 
 /// The client commands, and the flags of their own each takes (with a value, but
-/// `--json` and `--follow`).
+/// `--json`, `--check` and `--follow`). Each takes a fleet NAME first (`sockvisor status
+/// myapp`, `sockvisor scale myapp 4`; control::locate finds it).
 const SUBCOMMANDS: &[(&str, &[&str])] = &[
-    ("status", &["--json"]),
+    ("status", &["--json", "--check"]),
     ("reload", &["--canary"]),
     ("scale", &[]),
     ("signal", &["--slot", "--generation"]),
     ("send", &["--slot"]),
     ("messages", &["--follow", "--json"]),
+    ("metrics", &[]),
 ];
+
+/// The client commands whose last word is their argument (`scale N`, `signal SIGNAL`,
+/// `send PAYLOAD`); a word before it is the fleet's NAME.
+fn takes_argument(sub: &str) -> bool {
+    matches!(sub, "scale" | "signal" | "send")
+}
 
 fn sub_flags(sub: &str) -> &'static [&'static str] {
     SUBCOMMANDS
@@ -120,9 +132,12 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
     let mut i = 0;
     // In a subcommand, only these apply.
     let mut sub_name: Option<String> = None;
-    // The positional argument of `scale N`, `signal SIGNAL`, `send PAYLOAD`.
-    let mut sub_arg: Option<String> = None;
+    // A client command's words: [NAME], then the argument of `scale N`, `signal SIGNAL`,
+    // `send PAYLOAD`.
+    let mut sub_words: Vec<String> = Vec::new();
+    let words_max = |sub: &str| if takes_argument(sub) { 2 } else { 1 };
     let mut json = false;
+    let mut check = false;
     let mut canary: Option<usize> = None;
     let mut follow = false;
     let mut slot: Option<usize> = None;
@@ -135,8 +150,8 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
             match sub_name.as_deref() {
                 None => command = Some(strs[i..].to_vec()),
                 // `send -- -PAYLOAD`: what follows is the argument, even if it starts with -.
-                Some("send" | "signal" | "scale") if sub_arg.is_none() && i < strs.len() => {
-                    sub_arg = Some(strs[i].clone());
+                Some(s) if takes_argument(s) && sub_words.len() < 2 && i < strs.len() => {
+                    sub_words.push(strs[i].clone());
                     i += 1;
                     continue;
                 }
@@ -161,10 +176,8 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
                     command = Some(strs[i - 1..].to_vec());
                     break;
                 }
-                (Some(s), _)
-                    if matches!(s.as_str(), "scale" | "signal" | "send") && sub_arg.is_none() =>
-                {
-                    sub_arg = Some(arg);
+                (Some(s), _) if sub_words.len() < words_max(s) => {
+                    sub_words.push(arg);
                     continue;
                 }
                 (Some(s), _) => {
@@ -201,7 +214,7 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
                 cli.version = true;
                 continue;
             }
-            f @ ("--json" | "--follow" | "--slot" | "--generation" | "--canary") => {
+            f @ ("--json" | "--check" | "--follow" | "--slot" | "--generation" | "--canary") => {
                 let Some(sub) = sub_name.as_deref().filter(|s| sub_flags(s).contains(&f)) else {
                     let takers: Vec<String> = SUBCOMMANDS
                         .iter()
@@ -216,6 +229,7 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
                 };
                 match f {
                     "--json" => json = true,
+                    "--check" => check = true,
                     "--follow" => follow = true,
                     _ => {
                         let example = format!("give it as {f} N, e.g. sockvisor {sub} {f} 0");
@@ -318,9 +332,15 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
             Origin::Cli("COMMAND".into()),
         );
     }
+    // `scale [NAME] N`, `signal [NAME] SIGNAL`, `send [NAME] PAYLOAD`; the others [NAME].
+    let sub_arg = match sub_name.as_deref() {
+        Some(s) if takes_argument(s) => sub_words.pop(),
+        _ => None,
+    };
+    cli.fleet = sub_words.pop();
     cli.sub = match sub_name.as_deref() {
         None => None,
-        Some("status") => Some(Sub::Status { json }),
+        Some("status") => Some(Sub::Status { json, check }),
         Some("reload") => Some(Sub::Reload { canary }),
         Some("signal") => {
             let signal = sub_arg.ok_or_else(|| {
@@ -365,6 +385,7 @@ pub(crate) fn parse_cli(args: &[OsString]) -> Result<Cli, ConfigError> {
             }
             Some(Sub::Messages { json })
         }
+        Some("metrics") => Some(Sub::Metrics),
         Some(_) => {
             let n = sub_arg.ok_or_else(|| {
                 usage(

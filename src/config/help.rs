@@ -63,12 +63,13 @@ pub fn help_text() -> String {
 
 Usage:
   sockvisor [OPTIONS] [--] COMMAND [ARGS]...   run a fleet of COMMAND workers
-  sockvisor status [--json] [--control PATH] [-c FILE]
-  sockvisor reload [--control PATH] [-c FILE]
-  sockvisor scale N [--control PATH] [-c FILE]
-  sockvisor signal SIGNAL [--slot N] [--generation G] [--control PATH] [-c FILE]
-  sockvisor send [--slot N] [--] PAYLOAD [--control PATH] [-c FILE]
-  sockvisor messages --follow [--json] [--control PATH] [-c FILE]
+  sockvisor status [NAME] [--json | --check] [--control PATH] [-c FILE]
+  sockvisor reload [NAME] [--canary N] [--control PATH] [-c FILE]
+  sockvisor scale [NAME] N [--control PATH] [-c FILE]
+  sockvisor signal [NAME] SIGNAL [--slot N] [--generation G] [--control PATH]
+  sockvisor send [NAME] [--slot N] [--] PAYLOAD [--control PATH] [-c FILE]
+  sockvisor messages [NAME] --follow [--json] [--control PATH] [-c FILE]
+  sockvisor metrics [NAME] [--control PATH] [-c FILE]
 
 sockvisor takes its sockets from systemd (LISTEN_FDS/LISTEN_FDNAMES) or binds
 the --listen addresses itself and forks the workers. By default (--dispatch
@@ -93,6 +94,8 @@ At most {ceiling} workers, fewer when the hard fd limit is low (docs/config.md).
 
 Commands (talk to a running sockvisor over its control socket):
   status [--json]             the fleet's state, one line per worker
+  status --check              exit 0 when ready, 1 when not (the reason is
+                              printed), 2 when no fleet answers: exec probes
   reload                      re-read the config and replace the workers in a
                               new generation (also: systemctl reload, SIGHUP)
   scale N                     change the number of workers
@@ -104,8 +107,11 @@ Commands (talk to a running sockvisor over its control socket):
                               worker (needs messages = true, docs/messages.md)
   messages --follow [--json]  print the messages workers send to the operator
                               as they come (--json: one JSON object a line)
-To run a program literally called status, reload, scale, signal, send or
-messages, put it after `--`.
+  metrics                     the Prometheus metrics (as GET /metrics serves)
+NAME is a systemd unit (myapp, sockvisor@web) or a running fleet's socket
+name; without NAME or --control, a shell finds the running fleet itself.
+To run a program literally called status, reload, scale, signal, send,
+messages or metrics, put it after `--`.
 
 The control socket is --control/control_socket; else runtime_dir/control.sock;
 else $RUNTIME_DIRECTORY/control.sock; else /run/sockvisor/INSTANCE.sock as root;
@@ -124,6 +130,9 @@ Workers get LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (their own),
 SOCKVISOR_WORKER_ID (their slot, 0..N-1) and NOTIFY_SOCKET (sockvisor's); with
 messages = true also SOCKVISOR_MESSAGES_FD (their message socket, the fd after
 the LISTEN_FDS ones).
+
+Signals: SIGTERM stops (after drain_delay, /readyz failing meanwhile); SIGINT
+and SIGQUIT stop at once; SIGHUP reloads; SIGTTIN/SIGTTOU add/remove a worker.
 
 Exit status:
   0    clean stop

@@ -13,6 +13,10 @@ pub(crate) enum Kind {
     Count { min: usize, max: usize },
     /// A whole number >= 1, or `all` (no limit).
     CountOrAll,
+    /// A whole number >= 1, or `auto` (worked out at start).
+    CountOrAuto,
+    /// A size in bytes (`512M`, `1G`, `65536`), or `none`/`off`/`0` for none.
+    OptBytes,
     /// A systemd-style duration.
     Duration,
     /// A duration, or `none`/`off`/`0` for none.
@@ -21,6 +25,8 @@ pub(crate) enum Kind {
     Text,
     /// A non-empty path.
     Path,
+    /// A TCP address to listen on (`tcp://HOST:PORT`, `HOST:PORT`, `PORT`), or `off`.
+    OptTcp,
     /// A dispatch policy name.
     Policy,
     /// `exec` or `notify`.
@@ -109,11 +115,12 @@ pub(crate) const KEYS: &[Key] = &[
         env: "SOCKVISOR_WORKERS",
         flag: Some("--workers"),
         short: Some('w'),
-        arg: "N",
-        kind: N,
-        default: Default::Computed("number of CPUs"),
-        help: "number of workers",
-        doc: "number of workers, >= 1 and at most the [maximum](#maximum-worker-count)",
+        arg: "N|auto",
+        kind: Kind::CountOrAuto,
+        default: Default::Value("auto"),
+        help: "number of workers; auto: the CPUs of the affinity mask, at most the cgroup's \
+               CPU quota rounded up",
+        doc: "number of workers, >= 1 and at most the [maximum](#maximum-worker-count); `auto`: the CPUs of sockvisor's affinity mask, lowered to its cgroup's CPU quota rounded up (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), at least 1; the log says what was found ([Worker count](#worker-count))",
         ..BASE
     },
     Key {
@@ -512,6 +519,41 @@ pub(crate) const KEYS: &[Key] = &[
         help: "give each worker a message socket (SOCKVISOR_MESSAGES_FD) for sockvisor send, \
                messages --follow and messages between workers",
         doc: "give each worker a message socket, announced by `SOCKVISOR_MESSAGES_FD` and not counted in `LISTEN_FDS`: `sockvisor send`, `sockvisor messages --follow`, messages between workers (docs/messages.md)",
+        ..BASE
+    },
+    Key {
+        name: "drain_delay",
+        env: "SOCKVISOR_DRAIN_DELAY",
+        flag: Some("--drain-delay"),
+        arg: "DUR",
+        kind: Kind::Duration,
+        default: Default::Value("0s"),
+        help: "on SIGTERM, keep serving this long with /readyz failing before stopping",
+        doc: "on SIGTERM, `/readyz` fails at once and the fleet keeps serving for this long (so a balancer takes the endpoint out first), then stops as usual; SIGINT and SIGQUIT stop at once. See [docs/containers.md](containers.md)",
+        ..BASE
+    },
+    Key {
+        name: "worker_memory_max",
+        env: "SOCKVISOR_WORKER_MEMORY_MAX",
+        flag: Some("--worker-memory-max"),
+        arg: "SIZE",
+        kind: Kind::OptBytes,
+        default: Default::Value("none"),
+        help: "a worker whose RSS passes SIZE (512M, 1G) is replaced: a new one starts, \
+               the old one drains once it is ready",
+        doc: "a worker whose resident memory passes this size (`512M`, `1G`; powers of 1024) is recycled: a replacement starts, and once it is ready the old worker drains (SIGTERM). Checked every second. `none` disables it",
+        ..BASE
+    },
+    Key {
+        name: "metrics_listen",
+        env: "SOCKVISOR_METRICS_LISTEN",
+        flag: Some("--metrics-listen"),
+        arg: "ADDR",
+        kind: Kind::OptTcp,
+        default: Default::Value("off"),
+        help: "serve GET /metrics (Prometheus), /livez and /readyz over HTTP on ADDR \
+               (tcp://HOST:PORT or :PORT)",
+        doc: "serve `GET /metrics` (Prometheus text or OpenMetrics), `/livez` and `/readyz` on this TCP address (`tcp://127.0.0.1:9100`, `:9100`; port 0 picks one, logged). `off`: no HTTP listener. See [docs/metrics.md](metrics.md)",
         ..BASE
     },
     Key {

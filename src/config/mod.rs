@@ -55,34 +55,54 @@ impl Sources {
 pub enum Invocation {
     /// Run a fleet.
     Run(Box<Config>),
-    /// `sockvisor status [--json]`
-    Status { control: PathBuf, json: bool },
-    /// `sockvisor reload [--canary N]`
+    /// `sockvisor status [NAME] [--json] [--check]`
+    Status {
+        target: Target,
+        json: bool,
+        check: bool,
+    },
+    /// `sockvisor reload [NAME] [--canary N]`
     Reload {
-        control: PathBuf,
+        target: Target,
         canary: Option<usize>,
     },
-    /// `sockvisor scale N`
-    Scale { control: PathBuf, workers: usize },
-    /// `sockvisor signal SIGNAL [--slot N] [--generation G]` (the signal checked)
+    /// `sockvisor scale [NAME] N`
+    Scale { target: Target, workers: usize },
+    /// `sockvisor signal [NAME] SIGNAL [--slot N] [--generation G]` (the signal checked)
     Signal {
-        control: PathBuf,
+        target: Target,
         signal: String,
         slot: Option<usize>,
         generation: Option<u64>,
     },
-    /// `sockvisor send [--slot N] PAYLOAD`
+    /// `sockvisor send [NAME] [--slot N] PAYLOAD`
     Send {
-        control: PathBuf,
+        target: Target,
         slot: Option<usize>,
         payload: String,
     },
-    /// `sockvisor messages --follow [--json]`
-    Messages { control: PathBuf, json: bool },
+    /// `sockvisor messages [NAME] --follow [--json]`
+    Messages { target: Target, json: bool },
+    /// `sockvisor metrics [NAME]`
+    Metrics { target: Target },
     /// `--help`: the text to print.
     Help(String),
     /// `--version`
     Version,
+}
+
+/// The fleet a client command talks to (`control::locate` finds its socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The control socket the daemon would use with the same settings.
+    pub control: PathBuf,
+    /// `control` was named (`--control`, `control_socket`, `runtime_dir`, a config file,
+    /// `$RUNTIME_DIRECTORY`): use it as it is.
+    pub explicit: bool,
+    /// `sockvisor status NAME`: a unit or fleet name to look for.
+    pub name: Option<String>,
+    /// `$XDG_RUNTIME_DIR`, where user units' runtime directories are.
+    pub xdg_runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +250,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     pub command: Vec<String>,
     pub workers: usize,
+    /// `workers = "auto"` (the default): what the count was worked out from, for the log.
+    pub workers_auto: Option<String>,
     pub listeners: Vec<ListenerSpec>,
     /// The global `dispatch` policy: the default for stream listeners, and the policy
     /// [`crate::activation::listeners`] gives systemd-passed stream sockets when no listener
@@ -267,6 +289,12 @@ pub struct Config {
     pub canary: CanaryConfig,
     /// Active health checks of each worker (`None`: off).
     pub health_check: Option<HealthCheck>,
+    /// On SIGTERM: `/readyz` fails and the fleet serves this long before it stops.
+    pub drain_delay: Duration,
+    /// A worker whose RSS passes this many bytes is recycled.
+    pub worker_memory_max: Option<u64>,
+    /// Where to serve `/metrics`, `/livez` and `/readyz` over HTTP.
+    pub metrics_listen: Option<SocketAddr>,
     pub control_socket: Option<PathBuf>,
     /// `control_socket` was given (not derived): failing to bind it is an error.
     pub control_socket_explicit: bool,
@@ -420,17 +448,44 @@ fn load_with(
         file.as_deref(),
         env,
     );
+    let target = || Target {
+        control: control.clone(),
+        explicit: layer.is_set("control_socket")
+            || layer.is_set("runtime_dir")
+            || file.is_some()
+            || env_get(env, "RUNTIME_DIRECTORY").is_some_and(|v| !v.is_empty()),
+        name: cli.fleet.clone(),
+        xdg_runtime_dir: env_get(env, "XDG_RUNTIME_DIR")
+            .filter(|s| s.starts_with('/'))
+            .map(PathBuf::from),
+    };
     match cli.sub {
-        Some(Sub::Status { json }) => return Ok(Invocation::Status { control, json }),
-        Some(Sub::Reload { canary }) => return Ok(Invocation::Reload { control, canary }),
-        Some(Sub::Scale { workers }) => return Ok(Invocation::Scale { control, workers }),
+        Some(Sub::Status { json, check }) => {
+            return Ok(Invocation::Status {
+                target: target(),
+                json,
+                check,
+            })
+        }
+        Some(Sub::Reload { canary }) => {
+            return Ok(Invocation::Reload {
+                target: target(),
+                canary,
+            })
+        }
+        Some(Sub::Scale { workers }) => {
+            return Ok(Invocation::Scale {
+                target: target(),
+                workers,
+            })
+        }
         Some(Sub::Signal {
             signal,
             slot,
             generation,
         }) => {
             return Ok(Invocation::Signal {
-                control,
+                target: target(),
                 signal,
                 slot,
                 generation,
@@ -438,12 +493,18 @@ fn load_with(
         }
         Some(Sub::Send { slot, payload }) => {
             return Ok(Invocation::Send {
-                control,
+                target: target(),
                 slot,
                 payload,
             })
         }
-        Some(Sub::Messages { json }) => return Ok(Invocation::Messages { control, json }),
+        Some(Sub::Messages { json }) => {
+            return Ok(Invocation::Messages {
+                target: target(),
+                json,
+            })
+        }
+        Some(Sub::Metrics) => return Ok(Invocation::Metrics { target: target() }),
         None => {}
     }
     resolve::resolve(layer, file, control).map(|c| Invocation::Run(Box::new(c)))

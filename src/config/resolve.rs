@@ -6,6 +6,7 @@ use super::keys;
 use super::layers::{At, Layer, Origin};
 use super::values::{self, got, FromValue};
 use super::{Backoff, Config, ConfigError, DispatchPolicy, ListenAddr, ListenerSpec};
+use crate::cgroup::CpuLimit;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -74,12 +75,6 @@ pub fn check_worker_count(workers: usize, dispatched_listeners: usize) -> Result
     })
 }
 
-fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 /// The table's default of `name` (a `Default::Value`), parsed by the key's own parser.
 fn default_of<T: FromValue>(name: &str) -> T {
     let key = keys::by_name(name).map(|(_, k)| k);
@@ -129,13 +124,23 @@ pub(crate) fn resolve(
         .iter()
         .filter(|l| l.policy != DispatchPolicy::Shared)
         .count();
-    let workers = match layer.take::<usize>("workers") {
-        Some(At { v, at }) => {
+    let (workers, workers_auto) = match layer.take::<Option<usize>>("workers") {
+        Some(At { v: Some(v), at }) => {
             check_worker_count(v, dispatched)
                 .map_err(|e| at.err("workers", e.message, e.fix.unwrap_or_default()))?;
-            v
+            (v, None)
         }
-        None => default_workers().min(max_workers(dispatched)),
+        _ => {
+            let limit = CpuLimit::of_this_process();
+            let max = max_workers(dispatched);
+            let n = limit.workers().min(max);
+            let capped = if n < limit.workers() {
+                format!(", capped at {max} by the fd limit")
+            } else {
+                String::new()
+            };
+            (n, Some(format!("{limit}{capped}")))
+        }
     };
 
     let min_ready = match layer.take::<Option<usize>>("min_ready") {
@@ -184,6 +189,7 @@ pub(crate) fn resolve(
         file,
         command,
         workers,
+        workers_auto,
         listeners,
         dispatch,
         ready: value(&mut layer, "ready"),
@@ -216,6 +222,9 @@ pub(crate) fn resolve(
         weight: value(&mut layer, "weight"),
         canary,
         health_check,
+        drain_delay: value(&mut layer, "drain_delay"),
+        worker_memory_max: value(&mut layer, "worker_memory_max"),
+        metrics_listen: value(&mut layer, "metrics_listen"),
         control_socket: Some(control),
         control_socket_explicit,
         runtime_dir: layer.take("runtime_dir").map(|a| a.v),

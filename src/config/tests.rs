@@ -338,15 +338,19 @@ fn subcommands() {
         .unwrap()
     };
     match sub(&["status", "--json", "--control", "/run/x.sock"]) {
-        Invocation::Status { control, json } => {
-            assert_eq!(control, PathBuf::from("/run/x.sock"));
-            assert!(json);
+        Invocation::Status {
+            target,
+            json,
+            check,
+        } => {
+            assert_eq!(target.control, PathBuf::from("/run/x.sock"));
+            assert!(json && !check && target.explicit && target.name.is_none());
         }
         other => panic!("{other:?}"),
     }
     match sub(&["--control=/c.sock", "reload"]) {
-        Invocation::Reload { control, canary } => {
-            assert_eq!(control, PathBuf::from("/c.sock"));
+        Invocation::Reload { target, canary } => {
+            assert_eq!(target.control, PathBuf::from("/c.sock"));
             assert_eq!(canary, None);
         }
         other => panic!("{other:?}"),
@@ -355,6 +359,33 @@ fn subcommands() {
         Invocation::Scale { workers, .. } => assert_eq!(workers, 6),
         other => panic!("{other:?}"),
     }
+    match sub(&["scale", "myapp", "3"]) {
+        Invocation::Scale { workers, target } => {
+            assert_eq!((workers, target.name.as_deref()), (3, Some("myapp")));
+            assert!(!target.explicit);
+        }
+        other => panic!("{other:?}"),
+    }
+    match sub(&["status", "myapp", "--check"]) {
+        Invocation::Status { target, check, .. } => {
+            assert!(check && target.name.as_deref() == Some("myapp"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match sub(&["metrics"]) {
+        Invocation::Metrics { target } => assert!(target.name.is_none()),
+        other => panic!("{other:?}"),
+    }
+    assert!(load(&Sources {
+        args: args(&["reload", "--check"]),
+        env: vec![],
+    })
+    .is_err());
+    assert!(load(&Sources {
+        args: args(&["status", "a", "b"]),
+        env: vec![],
+    })
+    .is_err());
     // `--` makes it a program.
     match sub(&["--", "status"]) {
         Invocation::Run(c) => assert_eq!(c.command, vec!["status"]),
@@ -366,7 +397,7 @@ fn subcommands() {
     assert!(matches!(sub(&["-V"]), Invocation::Version));
     assert!(err(&["scale"], &[]).contains("needs a worker count"));
     assert!(err(&["scale", "x"], &[]).contains("expected a positive integer"));
-    assert!(err(&["status", "extra"], &[]).contains("unexpected argument"));
+    assert!(err(&["status", "app", "extra"], &[]).contains("unexpected argument"));
     assert!(err(&["status", "-w", "3"], &[]).contains("does not apply"));
     assert!(err(&["--json", "app"], &[]).contains("only applies"));
 }
@@ -383,12 +414,12 @@ fn signal_send_and_messages_commands() {
     };
     match sub(&["signal", "usr1", "--slot", "2", "--control", "/c.sock"]) {
         Invocation::Signal {
-            control,
+            target,
             signal,
             slot,
             generation,
         } => {
-            assert_eq!(control, PathBuf::from("/c.sock"));
+            assert_eq!(target.control, PathBuf::from("/c.sock"));
             assert_eq!((signal.as_str(), slot, generation), ("usr1", Some(2), None));
         }
         other => panic!("{other:?}"),
@@ -402,6 +433,27 @@ fn signal_send_and_messages_commands() {
     match sub(&["send", "--slot", "0", "reopen logs"]) {
         Invocation::Send { slot, payload, .. } => {
             assert_eq!((slot, payload.as_str()), (Some(0), "reopen logs"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A fleet NAME first (issue 15): `send myapp PAYLOAD`, `signal myapp SIGNAL`.
+    match sub(&["send", "myapp", "hello"]) {
+        Invocation::Send {
+            payload, target, ..
+        } => {
+            assert_eq!(
+                (payload.as_str(), target.name.as_deref()),
+                ("hello", Some("myapp"))
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    match sub(&["signal", "myapp", "usr1"]) {
+        Invocation::Signal { signal, target, .. } => {
+            assert_eq!(
+                (signal.as_str(), target.name.as_deref()),
+                ("usr1", Some("myapp"))
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -423,7 +475,7 @@ fn signal_send_and_messages_commands() {
         (&["signal", "usr1", "--slot", "x"], "--slot"),
         (&["signal", "usr1", "--slot"], "needs a value"),
         (&["send"], "needs a payload"),
-        (&["send", "a", "b"], "unexpected argument"),
+        (&["send", "a", "b", "c"], "unexpected argument"),
         (
             &["send", "--generation", "1", "x"],
             "only applies to `sockvisor signal`",
@@ -777,8 +829,10 @@ fn every_key_set_resolves() {
     use super::keys::{Kind, KEYS};
     let sample = |kind| match kind {
         Kind::Count { min: 100, .. } => "200",
-        Kind::Count { .. } | Kind::CountOrAll => "1",
+        Kind::Count { .. } | Kind::CountOrAll | Kind::CountOrAuto => "1",
         Kind::OptPercent => "10%",
+        Kind::OptBytes => "64M",
+        Kind::OptTcp => "tcp://127.0.0.1:0",
         Kind::Duration | Kind::OptDuration => "1s",
         Kind::Text => "nobody",
         Kind::Path => "/run/x",

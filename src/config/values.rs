@@ -15,6 +15,8 @@ pub(crate) enum Value {
     OptCount(Option<usize>),
     Duration(Duration),
     OptDuration(Option<Duration>),
+    OptBytes(Option<u64>),
+    OptTcp(Option<SocketAddr>),
     Text(String),
     Path(PathBuf),
     Policy(DispatchPolicy),
@@ -48,6 +50,8 @@ from_value!(
     Option<usize> => OptCount,
     Duration => Duration,
     Option<Duration> => OptDuration,
+    Option<u64> => OptBytes,
+    Option<SocketAddr> => OptTcp,
     String => Text,
     PathBuf => Path,
     DispatchPolicy => Policy,
@@ -81,6 +85,21 @@ pub(crate) fn parse(kind: Kind, s: &str, at: &Origin) -> Result<Value, VErr> {
                 parse_count(s, 1, usize::MAX)
                     .map_err(|(m, _)| (m, "use a number of workers, or \"all\"".into()))?,
             ),
+        }),
+        Kind::CountOrAuto => Value::OptCount(match s.trim() {
+            "auto" => None,
+            _ => Some(
+                parse_count(s, 1, usize::MAX)
+                    .map_err(|(m, _)| (m, "use a number of workers, or \"auto\"".into()))?,
+            ),
+        }),
+        Kind::OptBytes => Value::OptBytes(match s.trim() {
+            "none" | "off" | "0" => None,
+            _ => Some(parse_bytes(s)?),
+        }),
+        Kind::OptTcp => Value::OptTcp(match s.trim() {
+            "off" | "none" => None,
+            t => Some(parse_tcp_address(t)?),
         }),
         Kind::Duration => Value::Duration(parse_dur(s)?),
         Kind::OptDuration => Value::OptDuration(match s.trim() {
@@ -181,6 +200,45 @@ pub(crate) fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, VErr
             format!("expected {what}, got {}", got(s)),
             format!("use a whole number >= {min}"),
         )),
+    }
+}
+
+/// A TCP address to listen on: `tcp://HOST:PORT`, or the bare forms `--listen` takes
+/// (`:9100`, `9100`: all addresses).
+pub(crate) fn parse_tcp_address(s: &str) -> Result<SocketAddr, VErr> {
+    let fix = "use tcp://HOST:PORT (e.g. tcp://127.0.0.1:9100), :PORT or off";
+    match parse_listen(s) {
+        Ok((None, ListenAddr::Tcp(a))) => Ok(a),
+        Ok(_) => Err((format!("{} is not a TCP address", got(s)), fix.into())),
+        Err(m) => Err((m, fix.into())),
+    }
+}
+
+/// Parse a size: a whole number of bytes, or with a suffix `K`, `M`, `G`, `T` (powers of
+/// 1024, as systemd's `MemoryMax=`; `KiB`, `MiB`, ... and `KB`, `MB`, ... mean the same).
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, VErr> {
+    let t = s.trim();
+    let bad = || {
+        (
+            format!("expected a size, got {}", got(s)),
+            "use e.g. \"512M\", \"1G\", \"65536\" (bytes), or \"none\"".to_string(),
+        )
+    };
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "k" | "KB" | "KiB" => 10,
+        "M" | "MB" | "MiB" => 20,
+        "G" | "GB" | "GiB" => 30,
+        "T" | "TB" | "TiB" => 40,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(1u64 << shift) {
+        Some(0) => Err(("a size of 0".into(), "use none for no limit".into())),
+        Some(v) => Ok(v),
+        None => Err((format!("{} is too large", got(s)), String::new())),
     }
 }
 
@@ -597,6 +655,58 @@ mod tests {
         for bad in [":", "web=:", "8000x", ":-1", "1 2"] {
             assert!(parse_listen(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn tcp_addresses() {
+        assert_eq!(
+            parse_tcp_address("tcp://127.0.0.1:9100")
+                .unwrap()
+                .to_string(),
+            "127.0.0.1:9100"
+        );
+        assert_eq!(parse_tcp_address(":9100").unwrap().port(), 9100);
+        for bad in ["udp://127.0.0.1:1", "unix:/x", "m=tcp://127.0.0.1:1", "x"] {
+            assert!(parse_tcp_address(bad).is_err(), "{bad:?}");
+        }
+        let at = Origin::Cli("t".into());
+        assert!(matches!(
+            parse(Kind::OptTcp, "off", &at),
+            Ok(Value::OptTcp(None))
+        ));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes(" 1G "), Ok(1 << 30));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("64k"), Ok(64 << 10));
+        for bad in ["", "M", "1.5G", "12X", "-1", "0"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_bytes("99999999999T")
+            .unwrap_err()
+            .0
+            .contains("too large"));
+        let at = Origin::Cli("t".into());
+        assert!(matches!(
+            parse(Kind::OptBytes, "none", &at),
+            Ok(Value::OptBytes(None))
+        ));
+        assert!(matches!(
+            parse(Kind::CountOrAuto, "auto", &at),
+            Ok(Value::OptCount(None))
+        ));
+        assert!(matches!(
+            parse(Kind::CountOrAuto, "3", &at),
+            Ok(Value::OptCount(Some(3)))
+        ));
+        assert!(parse(Kind::CountOrAuto, "al", &at)
+            .unwrap_err()
+            .1
+            .contains("auto"));
     }
 
     #[test]

@@ -44,6 +44,7 @@
 //! ```
 
 pub mod client;
+pub mod locate;
 pub mod protocol;
 pub mod server;
 pub mod signal;

@@ -44,6 +44,8 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+    /// The Prometheus exposition (text format 0.0.4), as `GET /metrics` serves it.
+    Metrics,
 }
 
 impl Request {
@@ -150,6 +152,10 @@ pub struct WorkerStatus {
     /// Its message figures, when it has a message socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<WorkerMessages>,
+    /// How the slot's previous worker ended, if one did: `oom (killed by SIGKILL)`,
+    /// `exit (exited with status 1)` (the reason is the metrics' `reason`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_exit: Option<String>,
 }
 
 fn one() -> u32 {
@@ -187,8 +193,14 @@ pub struct CanaryStatus {
 pub struct FleetStatus {
     pub pid: i32,
     pub generation: u64,
-    /// starting | running | reloading | stopping
+    /// starting | running | reloading | draining | stopping
     pub state: String,
+    /// What `/readyz` answers: enough workers ready (`min_ready`), not stopping or draining.
+    #[serde(default)]
+    pub ready: bool,
+    /// Why not, in one line.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub not_ready: Option<String>,
     pub workers_wanted: usize,
     pub summary: String,
     pub workers: Vec<WorkerStatus>,
@@ -227,6 +239,9 @@ pub struct Reply {
     /// The workers a `signal` or `send` reached.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub workers: Option<Vec<WorkerTarget>>,
+    /// `metrics`: the Prometheus text.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub metrics: Option<String>,
 }
 
 impl Reply {
@@ -238,6 +253,15 @@ impl Reply {
             message,
             status: None,
             workers: None,
+            metrics: None,
+        }
+    }
+
+    /// `{"ok":true,"metrics":"..."}`
+    pub fn with_metrics(text: String) -> Reply {
+        Reply {
+            metrics: Some(text),
+            ..Reply::ok(None)
         }
     }
 
@@ -249,6 +273,7 @@ impl Reply {
             message: None,
             status: None,
             workers: None,
+            metrics: None,
         }
     }
 
@@ -259,6 +284,7 @@ impl Reply {
             error: None,
             message: None,
             status: Some(status),
+            metrics: None,
             workers: None,
         }
     }
@@ -287,7 +313,7 @@ impl Reply {
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_slice::<Request>(line).map_err(|e| {
         format!(
-            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} ({{"cmd":"reload","canary":N}}), {{"cmd":"scale","workers":N}}, {{"cmd":"signal","signal":"SIGUSR1"}}, {{"cmd":"send","payload":"..."}} or {{"cmd":"messages","follow":true}}; docs/control.md"#
+            r#"bad request ({e}); expected one JSON object per line: {{"cmd":"status"}}, {{"cmd":"reload"}} ({{"cmd":"reload","canary":N}}), {{"cmd":"scale","workers":N}}, {{"cmd":"signal","signal":"SIGUSR1"}}, {{"cmd":"send","payload":"..."}}, {{"cmd":"messages","follow":true}} or {{"cmd":"metrics"}}; docs/control.md"#
         )
     })
 }

@@ -69,6 +69,9 @@ pub fn format_status_table(status: &FleetStatus) -> String {
         status.generation,
         printable(&status.summary)
     );
+    if let Some(why) = &status.not_ready {
+        out.push_str(&format!("not ready: {}\n", printable(why)));
+    }
     if !status.listeners.is_empty() {
         out.push('\n');
         let mut rows = vec![header(&[
@@ -165,6 +168,21 @@ pub fn format_status_table(status: &FleetStatus) -> String {
         rows.push(row);
     }
     out.push_str(&columns(&rows));
+    let mut slots_told = Vec::new();
+    for w in &status.workers {
+        if let Some(last) = w
+            .last_exit
+            .as_deref()
+            .filter(|_| !slots_told.contains(&w.slot))
+        {
+            slots_told.push(w.slot);
+            out.push_str(&format!(
+                "slot {}: last exit: {}\n",
+                w.slot,
+                printable(last)
+            ));
+        }
+    }
     if let Some(m) = &status.messages {
         out.push_str(&messages_table(status, m));
     }
@@ -217,6 +235,8 @@ pub(super) mod tests {
             pid: 4242,
             generation: 2,
             state: "running".into(),
+            ready: true,
+            not_ready: None,
             workers_wanted: 2,
             summary: "2/2 workers ready".into(),
             workers: vec![
@@ -236,6 +256,7 @@ pub(super) mod tests {
                     canary: false,
                     health_check: None,
                     messages: None,
+                    last_exit: None,
                 },
                 WorkerStatus {
                     slot: 1,
@@ -253,6 +274,7 @@ pub(super) mod tests {
                     canary: false,
                     health_check: None,
                     messages: None,
+                    last_exit: None,
                 },
             ],
             listeners: vec![ListenerStatus {

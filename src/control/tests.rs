@@ -38,6 +38,7 @@ fn answer(server: &mut ControlServer, id: RequestId, r: Request) {
         Request::Status => Reply::with_status(sample_status()),
         Request::Reload { .. } => Reply::ok(Some("reloaded".into())),
         Request::Scale { workers } => Reply::ok(Some(format!("scaled to {workers}"))),
+        Request::Metrics => Reply::with_metrics("sockvisor_generation 1\n".into()),
         other => Reply::error(format!("{other:?}: not in these tests")),
     };
     server.reply(id, &reply);

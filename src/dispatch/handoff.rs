@@ -601,6 +601,7 @@ impl ListenerDispatch for Handoff {
     fn figures(&self) -> ListenerFigures {
         ListenerFigures {
             accepted: Some(self.accepted),
+            steered: None,
             pending: self.pending_connections.len() as u64,
             reclaimed: self.reclaimed,
         }

@@ -90,6 +90,10 @@ pub struct Trouble {
 pub struct ListenerFigures {
     /// Connections accepted, where sockvisor accepts (`None`: the workers accept).
     pub accepted: Option<u64>,
+    /// New connections the kernel steered into the listener's `SO_REUSEPORT` group, as the
+    /// group's eBPF program counted them (reuseport streams; `None` elsewhere): counted when
+    /// the kernel picks a listener for a connection request, before the worker accepts it.
+    pub steered: Option<u64>,
     /// Connections waiting for a worker: accepted by sockvisor (channel policies), or queued
     /// on the anchor (reuseport).
     pub pending: u64,

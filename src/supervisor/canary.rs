@@ -349,6 +349,9 @@ impl Supervisor {
         for &pid in c.workers.values() {
             self.retire(pid, "its canary is rolled back", now);
         }
+        self.observer
+            .tally
+            .reloaded(crate::observe::metrics::ReloadResult::RolledBack);
         let message = format!(
             "reload failed: canary rolled back: {why}; generation {} kept",
             self.generation

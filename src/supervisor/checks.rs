@@ -18,10 +18,10 @@
 //! A worker is checked with the settings of the configuration it was started with (a
 //! canary with its own generation's).
 
-use super::fleet::Departure;
 use super::Supervisor;
 use crate::config::{CheckKind, HealthCheck};
 use crate::dispatch::ProbeConn;
+use crate::observe::metrics::EndReason;
 use crate::poller::Token;
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -438,7 +438,7 @@ impl Supervisor {
             }
         }
         if let Some(reason) = replace {
-            self.stop_worker(pid, Signal::SIGTERM, Departure::Failed, &reason, now);
+            self.stop_failed(pid, Signal::SIGTERM, EndReason::HealthCheck, &reason, now);
         }
         self.dirty = true;
     }

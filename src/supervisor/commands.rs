@@ -23,6 +23,7 @@ impl Supervisor {
             }
             let reply = match request {
                 Request::Status => Some(Reply::with_status(self.fleet_status(now))),
+                Request::Metrics => Some(Reply::with_metrics(self.metrics_text(now, false))),
                 Request::Scale { workers } => Some(match self.scale(workers, now) {
                     Ok(m) => Reply::ok(Some(m)),
                     Err(e) => Reply::error(e),

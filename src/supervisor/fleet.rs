@@ -5,6 +5,7 @@
 //! its slot (see [`Departure`]).
 
 use super::backoff::{SlotHistory, MIN_UPTIME};
+use crate::observe::metrics::EndReason;
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ pub struct Worker {
     pub watchdog: Option<Duration>,
     /// When it is overdue; `None` while stopping.
     pub watchdog_deadline: Option<Instant>,
+    /// Why sockvisor stopped it for its health (`Departure::Failed`), for the metrics.
+    pub failure: Option<EndReason>,
 }
 
 impl Worker {

@@ -6,6 +6,7 @@ use super::{Phase, Supervisor};
 use crate::config::{NotifyAccess, ReadyMode};
 use crate::logging::Throttle;
 use crate::notify_server::Notification;
+use crate::observe::metrics::{EndReason, WatchdogSnapshot};
 use crate::upstream::Upstream;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -59,6 +60,15 @@ impl HealthState {
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         self.next_ping
+    }
+
+    /// The upstream watchdog, for the metrics.
+    pub(super) fn watchdog_snapshot(&self) -> WatchdogSnapshot {
+        WatchdogSnapshot {
+            interval: self.ping_interval,
+            withheld: self.unhealthy_since.is_some(),
+            triggered: self.triggered,
+        }
     }
 }
 
@@ -181,10 +191,10 @@ impl Supervisor {
             }
         }
         if n.watchdog_trigger {
-            self.stop_worker(
+            self.stop_failed(
                 pid,
                 Signal::SIGABRT,
-                Departure::Failed,
+                EndReason::Watchdog,
                 "asked for it (WATCHDOG=trigger)",
                 now,
             );

@@ -6,6 +6,7 @@ use super::{orphans, Phase, Supervisor};
 use crate::config::ReadyMode;
 use crate::dispatch::WorkerRef;
 use crate::exit;
+use crate::observe::metrics::EndReason;
 use crate::spawn::{self, WorkerSetup};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -146,6 +147,7 @@ impl Supervisor {
                 last_status: None,
                 watchdog: self.config.worker_watchdog,
                 watchdog_deadline: self.config.worker_watchdog.map(|w| now + w),
+                failure: None,
             },
         );
         log::info!(
@@ -170,8 +172,12 @@ impl Supervisor {
     /// The worker may receive connections.
     pub(super) fn worker_ready(&mut self, pid: Pid) {
         if let Some(w) = self.workers.get_mut(&pid) {
+            let now = Instant::now();
             w.state = WorkerState::Ready;
-            w.ready_at = Some(Instant::now());
+            w.ready_at = Some(now);
+            self.observer
+                .tally
+                .worker_ready(now.saturating_duration_since(w.started));
             self.dispatch.worker_ready(pid);
             self.dirty = true;
         }
@@ -223,6 +229,8 @@ impl Supervisor {
         }
         self.forget_checks(pid);
         self.messages.worker_gone(pid, &self.poller);
+        let dispatched = self.dispatch.worker_figures(pid).dispatched;
+        self.observer.tally.worker_gone(worker.slot, dispatched);
         // Connections it never received go to the other workers, first in line.
         let taken_back = self.dispatch.worker_gone(pid, &self.poller);
         if taken_back > 0 {
@@ -241,6 +249,9 @@ impl Supervisor {
             log::info!("worker {slot} (pid {pid}) {}", describe(status));
             let refill = is_current && !self.stopping() && departure != Some(Departure::Retired);
             if refill {
+                self.observer
+                    .tally
+                    .restarted(slot, EndReason::Exit, &describe(status));
                 self.refill(slot, uptime, worker.started_up(now), now);
             }
             return;
@@ -269,9 +280,18 @@ impl Supervisor {
             self.slots[slot]
                 .history
                 .failed(&self.config.backoff, uptime, worker.started_up(now));
+        let reason = self.end_reason(&worker, status);
+        self.observer
+            .tally
+            .restarted(slot, reason, &describe(status));
         log::warn!(
-            "worker {slot} (pid {pid}) {} after {:.1}s; restarting in {}",
+            "worker {slot} (pid {pid}) {}{} after {:.1}s; restarting in {}",
             describe(status),
+            if reason == EndReason::Oom {
+                " (OOM kill: its cgroup counted one)"
+            } else {
+                ""
+            },
             uptime.as_secs_f64(),
             human(delay)
         );
@@ -356,6 +376,22 @@ impl Supervisor {
         self.dirty = true;
     }
 
+    /// Stop a worker for a health `cause`: its exit is a failure of its slot, restarted for
+    /// that reason (the metrics' `reason`).
+    pub(super) fn stop_failed(
+        &mut self,
+        pid: Pid,
+        signal: Signal,
+        cause: EndReason,
+        reason: &str,
+        now: Instant,
+    ) {
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.failure.get_or_insert(cause);
+        }
+        self.stop_worker(pid, signal, Departure::Failed, reason, now);
+    }
+
     /// Drain a worker for good: its slot is not refilled when it exits.
     pub(super) fn retire(&mut self, pid: Pid, reason: &str, now: Instant) {
         self.stop_worker(pid, Signal::SIGTERM, Departure::Retired, reason, now);
@@ -380,12 +416,12 @@ impl Supervisor {
     /// channel; with `wedge_check`, also wedged ones).
     pub(super) fn replace_troubled(&mut self, wedge_check: Option<Instant>, now: Instant) {
         for t in self.dispatch.troubles(wedge_check) {
-            let signal = if t.hung {
-                Signal::SIGABRT
+            let (signal, cause) = if t.hung {
+                (Signal::SIGABRT, EndReason::Wedged)
             } else {
-                Signal::SIGTERM
+                (Signal::SIGTERM, EndReason::Channel)
             };
-            self.stop_worker(t.pid, signal, Departure::Failed, &t.reason, now);
+            self.stop_failed(t.pid, signal, cause, &t.reason, now);
         }
     }
 
@@ -394,6 +430,7 @@ impl Supervisor {
         if self.stopping() {
             return Err("sockvisor is stopping".to_string());
         }
+        self.refuse_while_draining()?;
         if self.reload.is_some() {
             return Err("a reload is in progress; scale after it".to_string());
         }
@@ -449,16 +486,26 @@ impl Supervisor {
                     };
                 }
                 WorkerState::Starting { ready_by } if now >= ready_by => {
-                    overdue.push((w.pid, Signal::SIGTERM, "not ready within the ready timeout"));
+                    overdue.push((
+                        w.pid,
+                        Signal::SIGTERM,
+                        EndReason::ReadyTimeout,
+                        "not ready within the ready timeout",
+                    ));
                 }
                 _ if due(w.watchdog_deadline) => {
-                    overdue.push((w.pid, Signal::SIGABRT, "watchdog timeout"));
+                    overdue.push((
+                        w.pid,
+                        Signal::SIGABRT,
+                        EndReason::Watchdog,
+                        "watchdog timeout",
+                    ));
                 }
                 _ => {}
             }
         }
-        for (pid, signal, reason) in overdue {
-            self.stop_worker(pid, signal, Departure::Failed, reason, now);
+        for (pid, signal, cause, reason) in overdue {
+            self.stop_failed(pid, signal, cause, reason, now);
         }
         self.kill_overdue_orphans(now);
     }
@@ -522,6 +569,7 @@ impl Supervisor {
         }
         log::info!("stopping: {reason}");
         self.phase = Phase::Stopping { exit_code };
+        self.drain_until = None;
         self.upstream.stopping(&format!("stopping: {reason}"));
         self.dispatch.stop(&self.poller);
         let now = Instant::now();

@@ -18,11 +18,14 @@ mod backoff;
 mod canary;
 mod checks;
 mod commands;
+mod drain;
 mod fleet;
 mod health;
 mod lifecycle;
 mod messages;
+mod observe;
 mod orphans;
+mod recycle;
 mod reload;
 mod status;
 
@@ -49,6 +52,7 @@ pub fn handled_signals() -> SigSet {
     for s in [
         Signal::SIGTERM,
         Signal::SIGINT,
+        Signal::SIGQUIT,
         Signal::SIGHUP,
         Signal::SIGCHLD,
         Signal::SIGTTIN,
@@ -108,6 +112,12 @@ pub struct Supervisor {
     /// What dispatch made of the last failed worker (a program accepting on a channel),
     /// repeated in `STATUS=` and at give-up until the slots start up again.
     diagnosis: Option<String>,
+    /// Metrics, probes and the reasons workers ended (observe.rs).
+    observer: observe::Observer,
+    /// In `drain_delay` after SIGTERM: the stop is due then (drain.rs).
+    drain_until: Option<Instant>,
+    /// Workers being replaced for their memory (recycle.rs).
+    recycler: recycle::Recycler,
 }
 
 /// Why the supervisor could not start; `main` prints it and exits with `exit_code`.
@@ -204,6 +214,20 @@ impl Supervisor {
         if let Some(c) = &control {
             fds.push((c.as_fd(), Token::Control));
         }
+        let http = match config.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let h = crate::observe::http::HttpServer::bind(addr).map_err(|e| {
+                    config_error(format!("metrics_listen: cannot listen on {addr}: {e}"))
+                })?;
+                h.register(&poller).map_err(|e| internal("epoll", e))?;
+                let local = h
+                    .local_addr()
+                    .map_err(|e| internal("metrics listener", e))?;
+                log::info!("metrics listening on {local} (GET /metrics, /livez, /readyz)");
+                Some(h)
+            }
+        };
         for (fd, token) in fds {
             poller
                 .register(fd, token)
@@ -223,6 +247,9 @@ impl Supervisor {
         // Checked again now that systemd's sockets are known (the config assumed one).
         crate::config::check_worker_count(config.workers, dispatch.per_worker_listeners())
             .map_err(|e| config_error(format!("workers: {e}")))?;
+        if let Some(auto) = &config.workers_auto {
+            log::info!("workers: {} (auto: {auto})", config.workers);
+        }
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
         Ok(Supervisor {
             config,
@@ -250,6 +277,9 @@ impl Supervisor {
             checks: checks::ActiveChecks::default(),
             messages: crate::messages::Router::default(),
             diagnosis: None,
+            observer: observe::Observer::new(http),
+            drain_until: None,
+            recycler: recycle::Recycler::default(),
         })
     }
 
@@ -308,6 +338,8 @@ impl Supervisor {
             Token::Control => self.serve_control(),
             Token::Probe(pid) => self.probe_event(pid),
             Token::Messages(pid) => self.route_messages(pid),
+            Token::HttpListener => self.http_accept(),
+            Token::HttpClient(id) => self.http_ready(id),
             Token::Listener(_) | Token::Channel { .. } => {
                 let now = Instant::now();
                 self.dispatch.handle(token, &self.poller, now);
@@ -329,9 +361,12 @@ impl Supervisor {
         // must not arrive after it is forgotten.
         self.read_notifications();
         self.reap(now);
+        self.drain_due(now);
+        self.expire_http(now);
         self.enforce_deadlines(now);
         self.restart_due(now);
         self.advance_reload(now);
+        self.recycle_workers(now);
         self.replace_troubled(Some(now), now);
         self.tick_checks(now);
         self.dispatch.flush(&self.poller, now);
@@ -342,9 +377,7 @@ impl Supervisor {
 
     fn handle_signal(&mut self, sig: Signal, now: Instant) {
         match sig {
-            Signal::SIGTERM | Signal::SIGINT => {
-                self.stop(crate::exit::OK, &format!("received {}", sig.as_str()))
-            }
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => self.stop_signal(sig, now),
             Signal::SIGCHLD => {} // reaped right after
             Signal::SIGTTIN | Signal::SIGTTOU => {
                 let n = if sig == Signal::SIGTTIN {
@@ -382,6 +415,9 @@ impl Supervisor {
                 self.orphans.next_deadline(),
                 reload,
                 checks,
+                self.drain_until,
+                self.recycler.next_deadline(),
+                self.observer.http.as_ref().and_then(|h| h.next_deadline()),
             ])
             .flatten()
             .min()

@@ -8,6 +8,7 @@
 
 use super::{Phase, Supervisor};
 use crate::config::{self, Config, Invocation};
+use crate::observe::metrics::ReloadResult;
 use crate::spawn;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
@@ -84,6 +85,7 @@ impl Supervisor {
         if self.stopping() {
             return Err("sockvisor is stopping".to_string());
         }
+        self.refuse_while_draining()?;
         if let (Some(r), Some(_)) = (&self.reload, canary) {
             return Err(format!(
                 "generation {} is being rolled out; ask for a canary once it is over",
@@ -120,6 +122,7 @@ impl Supervisor {
             Err(e) => {
                 let status = format!("reload refused: {e}; {}", self.summary());
                 log::error!("reload refused: {e}");
+                self.observer.tally.reloaded(ReloadResult::Refused);
                 self.reload_ended(status, now);
                 Err(e)
             }
@@ -277,6 +280,10 @@ impl Supervisor {
         let took = now.saturating_duration_since(r.started).as_secs_f64();
         let message = format!("reloaded: generation {} serving ({took:.1}s)", r.generation);
         log::info!("{message}");
+        self.observer.tally.reloaded(ReloadResult::Ok);
+        if self.config.metrics_listen != r.old_config.metrics_listen {
+            log::warn!("metrics_listen changed: it applies at the next start, not on reload");
+        }
         let status = format!("{}; {}", message, self.summary());
         self.reload_ended(status, now);
         self.answer_waiters(&r.waiters, Ok(message));
@@ -318,6 +325,7 @@ impl Supervisor {
             }
         }
         self.drop_slots_from(old_count, "its generation is rolled back", now);
+        self.observer.tally.reloaded(ReloadResult::RolledBack);
         let message = format!("reload failed: {why}; generation {} kept", r.old_generation);
         let status = format!("{message}; {}", self.summary());
         self.reload_ended(status, now);

@@ -61,6 +61,8 @@ impl Supervisor {
         }
         if self.stopping() {
             s.insert_str(0, "stopping: ");
+        } else if self.drain_until.is_some() {
+            s.insert_str(0, "draining: ");
         }
         if let Some(d) = &self.diagnosis {
             s.push_str("; ");
@@ -104,7 +106,7 @@ impl Supervisor {
         let accepted: u64 = self
             .dispatch
             .figures()
-            .filter_map(|(_, f)| f.accepted)
+            .filter_map(|(_, f)| f.accepted.or(f.steered))
             .sum();
         format!(
             "{accepted} connections accepted, {} restarts",
@@ -151,6 +153,7 @@ impl Supervisor {
                         queued: f.queued,
                         dropped: f.dropped,
                     }),
+                    last_exit: self.observer.tally.last_end(w.slot).map(str::to_string),
                 }
             })
             .collect();
@@ -166,16 +169,13 @@ impl Supervisor {
                 pending: figures.pending,
             })
             .collect();
+        let readiness = self.readiness(now);
         FleetStatus {
             pid: std::process::id() as i32,
             generation: self.generation,
-            state: match self.phase {
-                Phase::Starting => "starting",
-                Phase::Running if self.reload.is_some() => "reloading",
-                Phase::Running => "running",
-                Phase::Stopping { .. } => "stopping",
-            }
-            .to_string(),
+            state: self.state_name().to_string(),
+            ready: readiness.is_ok(),
+            not_ready: readiness.err(),
             workers_wanted: self.slots.len(),
             summary: self.summary(),
             workers,

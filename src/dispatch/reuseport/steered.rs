@@ -63,6 +63,9 @@ struct Member {
     /// when that last moved.
     received_at_check: u64,
     progress_at: Instant,
+    /// What the program had counted for its key before it joined: keys are reused, and the
+    /// program's counters never reset.
+    selected_before: u64,
 }
 
 pub struct Steered {
@@ -354,6 +357,16 @@ impl Steered {
         moved
     }
 
+    /// New connections the program placed (on the anchor or a worker's listener) or left to
+    /// the kernel's hash, since the group was made: every key ever used, and the unplaced.
+    fn steered_total(&self) -> u64 {
+        let keys = std::iter::once(Key::ANCHOR).chain((1..self.next_key).filter_map(Key::worker));
+        let placed: u64 = keys
+            .map(|k| self.group.counters(k).map_or(0, |c| c.dispatched))
+            .sum();
+        placed + self.group.unselected().unwrap_or(0)
+    }
+
     fn selected(&self, key: Key) -> u64 {
         self.group
             .counters(key)
@@ -470,6 +483,7 @@ impl ListenerDispatch for Steered {
         let Some((key, listener)) = self.spare.take() else {
             return;
         };
+        let selected_before = self.selected(key);
         self.members.insert(
             worker.pid,
             Member {
@@ -479,8 +493,9 @@ impl ListenerDispatch for Steered {
                 ready: false,
                 leaving: false,
                 in_rotation: true,
-                received_at_check: 0,
+                received_at_check: selected_before,
                 progress_at: now,
+                selected_before,
             },
         );
         if self.datagram {
@@ -685,6 +700,7 @@ impl ListenerDispatch for Steered {
     fn figures(&self) -> ListenerFigures {
         ListenerFigures {
             accepted: None,
+            steered: (!self.datagram).then(|| self.steered_total()),
             pending: self.queued_on(self.listener.fd.as_fd()),
             reclaimed: self.taken_back,
         }
@@ -694,7 +710,7 @@ impl ListenerDispatch for Steered {
         self.members
             .get(&pid)
             .map(|m| WorkerFigures {
-                dispatched: self.selected(m.key),
+                dispatched: self.selected(m.key).saturating_sub(m.selected_before),
                 queued: self.queued_on(m.listener.as_fd()),
                 open: None,
             })
