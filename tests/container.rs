@@ -144,6 +144,8 @@ fn pid1_reaps_orphans_and_stops_clean() {
     assert!(processes_in(&ns).is_empty(), "{:?}", processes_in(&ns));
     let log = fleet.log();
     assert!(log.contains("stopping: received SIGTERM"), "{log}");
+    // Within the stop timeout: nothing needed the SIGKILL that follows it.
+    assert!(!log.contains("sending SIGKILL"), "{log}");
     assert!(warnings_and_errors(&log).is_empty(), "{log}");
 }
 
