@@ -48,6 +48,18 @@ fn processes_in(ns: &str) -> Vec<(i32, char, String)> {
     out
 }
 
+/// `program ARGS` as an operator's shell runs it: none of sockvisor's or systemd's variables.
+fn from_a_shell<S: AsRef<std::ffi::OsStr>>(program: S, args: &[S]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env_remove("RUNTIME_DIRECTORY");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SOCKVISOR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// sockvisor as PID 1 of a new pid namespace (`unshare --pid --fork --mount-proc`, as a
 /// container runtime starts its entrypoint), no NOTIFY_SOCKET: a worker leaves an orphaned
 /// grandchild behind, which sockvisor reaps (no zombie stays); SIGTERM stops the fleet,
@@ -116,16 +128,14 @@ fn pid1_reaps_orphans_and_stops_clean() {
         have_program("nsenter"),
         "nsenter (util-linux) is not installed",
     ) {
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.args(["--target", &sockvisor.to_string(), "--pid", "--mount", "--"])
-            .arg(sockvisor_bin())
-            .arg("status")
-            .env_remove("RUNTIME_DIRECTORY");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SOCKVISOR_") {
-                cmd.env_remove(k);
-            }
-        }
+        let target = sockvisor.to_string();
+        let bin = sockvisor_bin().display().to_string();
+        let mut cmd = from_a_shell(
+            "nsenter",
+            &[
+                "--target", &target, "--pid", "--mount", "--", &bin, "status",
+            ],
+        );
         let out = cmd.output().unwrap();
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout),
@@ -363,6 +373,28 @@ fn request(port: u16, path: &str) -> bool {
     s.read_to_string(&mut out).is_ok() && out.contains("hello from worker")
 }
 
+/// GET /grow on `port` until the log says `needle` (within the safety timeout). Returns how
+/// many of those requests failed.
+fn grow_until(fleet: &Fleet, port: u16, needle: &str, pause: Duration) -> usize {
+    let mut failed = 0;
+    let deadline = Instant::now() + SAFETY_TIMEOUT;
+    while !fleet.log().contains(needle) {
+        assert!(
+            fleet.gone().is_none(),
+            "sockvisor is gone:\n{}",
+            fleet.log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{}",
+            fleet.log()
+        );
+        failed += usize::from(!request(port, "/grow"));
+        std::thread::sleep(pause);
+    }
+    failed
+}
+
 /// A worker whose RSS passes `worker_memory_max` is replaced (its replacement started, then
 /// it drains) while a client loop runs: no request fails, and the metrics count a
 /// `memory` restart.
@@ -381,21 +413,8 @@ fn a_worker_over_its_memory_limit_is_recycled_without_a_failed_request() {
         .collect();
     let clients = ClientLoop::start(port);
     // Grow the workers (4 MiB per /grow) until one is recycled.
-    let deadline = Instant::now() + SAFETY_TIMEOUT;
-    while !fleet.log().contains("recycled (RSS") {
-        assert!(
-            fleet.gone().is_none(),
-            "sockvisor is gone:\n{}",
-            fleet.log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no worker recycled:\n{}",
-            fleet.log()
-        );
-        assert!(request(port, "/grow"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let grow_failed = grow_until(&fleet, port, "recycled (RSS", Duration::from_millis(50));
+    assert_eq!(grow_failed, 0, "/grow requests failed");
     // The old worker gone, its replacement serving, then a little more of the loop.
     fleet.wait_status("the recycled worker gone", |s| {
         let w = s["workers"].as_array().unwrap();
@@ -446,17 +465,7 @@ fn an_oom_kill_is_reported_as_such() {
         .start();
     fleet.wait_log("fleet ready", SAFETY_TIMEOUT);
     let port = fleet.port("web");
-    let deadline = Instant::now() + SAFETY_TIMEOUT;
-    while !fleet.log().contains("(OOM kill") {
-        assert!(
-            fleet.gone().is_none(),
-            "sockvisor is gone:\n{}",
-            fleet.log()
-        );
-        assert!(Instant::now() < deadline, "no OOM kill:\n{}", fleet.log());
-        request(port, "/grow");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    grow_until(&fleet, port, "(OOM kill", Duration::from_millis(20));
     let status = fleet.wait_status("the slot refilled", |s| {
         s["workers"]
             .as_array()
@@ -488,16 +497,8 @@ fn status_finds_a_fleet_by_name() {
         .env("SOCKVISOR_CONTROL_SOCKET", &control)
         .start();
     fleet.wait_log("fleet ready", SAFETY_TIMEOUT);
-    let run = |args: &[&str]| {
-        let mut cmd = std::process::Command::new(sockvisor_bin());
-        cmd.args(args).env_remove("RUNTIME_DIRECTORY");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SOCKVISOR_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.output().unwrap()
-    };
+    let bin = sockvisor_bin().display().to_string();
+    let run = |args: &[&str]| from_a_shell(bin.as_str(), args).output().unwrap();
     let out = run(&["status", &name]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
