@@ -30,7 +30,7 @@ fn proc_dir(pid: Option<i32>) -> PathBuf {
 fn status_kb(status: &str, name: &str) -> Option<u64> {
     let rest = status.lines().find_map(|l| l.strip_prefix(name))?;
     let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
+    Some(kb.saturating_mul(1024))
 }
 
 /// The resident memory of `pid` (`VmRSS`), or `None` once it is gone (or a zombie).
