@@ -415,6 +415,87 @@ mod tests {
         assert_eq!(parse_head(b"\xff\xfe\r\n\r\n").unwrap_err().0, 400);
     }
 
+    /// The server against real loopback sockets, driven by hand (no event loop): an answer,
+    /// a refused method, the connection limit, the timeout.
+    #[test]
+    fn limits_against_real_sockets() {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        let poller = Poller::new().unwrap();
+        let mut server = HttpServer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        server.register(&poller).unwrap();
+        let addr = server.local_addr().unwrap();
+        let now = Instant::now();
+        // Accept until `n` connections are open (a connect returns before the accept).
+        let accept_all = |server: &mut HttpServer, n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while server.open() < n && Instant::now() < deadline {
+                server.accept(&poller, now);
+            }
+        };
+        // Read and answer what connection `id` sent.
+        let serve = |server: &mut HttpServer, id: u32| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(r) = server.ready(id, &poller) {
+                    server.respond(&r, &poller, 200, "text/plain", b"hi\n");
+                    return;
+                }
+                if !server.connections.contains_key(&id) || Instant::now() > deadline {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let read_all = |mut c: TcpStream| {
+            let mut out = String::new();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = c.read_to_string(&mut out);
+            out
+        };
+
+        let mut good = TcpStream::connect(addr).unwrap();
+        let mut post = TcpStream::connect(addr).unwrap();
+        let idle = TcpStream::connect(addr).unwrap();
+        accept_all(&mut server, 3);
+        assert_eq!(server.open(), 3);
+        good.write_all(b"GET /x HTTP/1.0\r\n\r\n").unwrap();
+        post.write_all(b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        let ids: Vec<u32> = server.connections.keys().copied().collect();
+        for &id in &ids[..2] {
+            serve(&mut server, id);
+        }
+        let answer = read_all(good);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nhi\n"),
+            "{answer:?}"
+        );
+        assert!(read_all(post).starts_with("HTTP/1.1 405 "));
+        assert_eq!(server.open(), 1);
+        let f = server.figures();
+        assert_eq!((f.answered, f.bad_requests), (1, 1));
+
+        // The limit: the oldest connection still reading (`idle`) makes room.
+        let mut more = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            more.push(TcpStream::connect(addr).unwrap());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.figures().over_limit < 1 && Instant::now() < deadline {
+            server.accept(&poller, now);
+        }
+        assert_eq!(server.open(), MAX_CONNECTIONS);
+        assert_eq!(server.figures().over_limit, 1);
+        assert_eq!(read_all(idle), "", "the evicted connection is closed");
+
+        // The timeout closes them all.
+        assert_eq!(server.next_deadline(), Some(now + CONNECTION_TIMEOUT));
+        server.expire(now + CONNECTION_TIMEOUT, &poller);
+        assert_eq!(server.open(), 0);
+        assert_eq!(server.figures().timed_out, MAX_CONNECTIONS as u64);
+    }
+
     #[test]
     fn head_ends() {
         assert_eq!(head_end(b"GET / HTTP/1.0\r\n\r\nrest"), Some(18));
