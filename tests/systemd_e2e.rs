@@ -1935,6 +1935,16 @@ fn scenario_template_instance(flavour: Flavour) {
         status.starts_with(&format!("sockvisor running (pid {main}, generation 2)")),
         "{status}"
     );
+    // Issue 15: a shell finds the fleet by its unit, without --control.
+    for name in ["demo", unit] {
+        let by_name = sb.exec(&["sockvisor", "status", name]);
+        assert!(
+            by_name.starts_with(&format!("sockvisor running (pid {main}, generation 2)")),
+            "sockvisor status {name}: {by_name}"
+        );
+    }
+    let metrics = sb.exec(&["sockvisor", "metrics", "demo"]);
+    assert!(metrics.contains("\nsockvisor_generation 2\n"), "{metrics}");
     sb.exec(&["systemctl", "stop", unit]);
     sb.exec(&["test", "!", "-e", "/run/sockvisor/demo"]);
 }
