@@ -397,7 +397,8 @@ def run_wrk(a, url, load, duration, outpath=None):
 def run_udp_client(a, port, duration, outpath=None):
     """The bounded UDP echo client (udp_client.py) as a child; returns (dict, CPU s)."""
     cmd = [sys.executable, os.path.join(HERE, "udp_client.py"), "--host", a.host, "--port", str(port),
-           "--duration", str(duration), "--window", str(a.udp_window), "--size", str(a.udp_size)]
+           "--duration", str(duration), "--window", str(a.udp_window), "--size", str(a.udp_size),
+           "--flows", str(a.udp_flows)]
     ru0 = children_cpu()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 20, check=False)
     cpu = children_cpu() - ru0

@@ -130,7 +130,7 @@ def render(d):
                         f"| {fmt(med([r.get(bk) for r in rs]), '.3f')} ({shares_of(rs, bk, sk)})"
                         + (f" [dispatched {fmt(med([r.get('bal_dispatched') for r in rs]), '.3f')}]"
                            if any("bal_dispatched" in r for r in rs) else "") + " "
-                        f"| {'-' if is_ref else fmt(med([r.get('master_us_per_conn') for r in rs]), '.1f')} "
+                        f"| {'-' if is_ref else fmt(med([r.get('master_us_per_conn') for r in rs]), '.2f')} "
                         f"| {'-' if is_ref else fmt(med([r.get('master_s_per_100k_conn') for r in rs]), '.2f')} "
                         f"| {fmt(med([r.get('server_us_per_req') for r in rs]), '.1f')} "
                         f"| {fmt(max((r.get('master_hwm_mb') or 0) for r in rs), '.2f')} "
@@ -156,22 +156,27 @@ def render(d):
 
     udp = cfg.get("udp_servers", {})
     if "udp" in cfg["parts"]:
-        L.append("## UDP echo through the shared socket (medians)")
+        flows = a.get("udp_flows", 1)
+        L.append(f"## UDP echo, {flows} client source ports (flows) (medians)")
         L.append("")
         L.append("| server | workers | runs | datagrams/s (min-max) | RTT p50 ms | RTT p99 ms | lost (all runs) "
-                 "| worker CPU balance max/min | master CPU s | client CPU % | vs node-udp |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| datagrams per worker max/min (shares %) | flows per worker max/min | flows on >1 worker "
+                 "| master CPU s | client CPU % | vs node-udp |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for w in wc:
             for name in udp:
                 rs, flag = S.rows("udp", name, w, "udp")
                 if not rs:
-                    L.append(f"| {name} | {w} | 0 | (no successful run) |||||||")
+                    L.append(f"| {name} | {w} | 0 | (no successful run) ||||||||||")
                     continue
                 rps = [r["rps"] for r in rs]
                 rr = S.ratio("udp", name, "node-udp", w, "udp", "rps") if name != "node-udp" else (None,) * 4
                 L.append(f"| {name}{' †' if flag else ''} | {w} | {len(rs)} | {med(rps):.0f} ({min(rps):.0f}-{max(rps):.0f}) "
                          f"| {fmt(med([r.get('p50') for r in rs]), '.3f')} | {fmt(med([r.get('p99') for r in rs]), '.3f')} "
-                         f"| {sum(r.get('lost') or 0 for r in rs)} | {fmt(med([r.get('bal_cpu') for r in rs]), '.2f')} "
+                         f"| {sum(r.get('lost') or 0 for r in rs)} "
+                         f"| {fmt(med([r.get('bal_dgrams') for r in rs]), '.3f')} ({shares_of(rs, 'bal_dgrams', 'dgram_shares')}) "
+                         f"| {fmt(med([r.get('bal_flows') for r in rs]), '.3f')} "
+                         f"| {fmt(med([r.get('split_flows') for r in rs]), '.0f')} "
                          f"| {fmt(med([r.get('master_cpu_s') for r in rs]), '.2f')} "
                          f"| {fmt(med([r.get('client_cpu_pct') for r in rs]), '.0f')} "
                          f"| {fmt(rr[0], '.3f')}{' †' if rr[3] else ''} |")
@@ -200,20 +205,23 @@ def render(d):
         row("processes in the server's session (master + workers)", sv, "n_procs", ".0f")
         L.append("")
 
-    longs = [r for r in recs if r.get("part") == "long"]
+    longs = sorted([r for r in recs if r.get("part") == "long"],
+                   key=lambda r: (r.get("kind") != "balance", r.get("workers") or 0))
     if longs:
-        L.append("## Long runs (round robin)")
+        L.append("## Long runs (balance: sv-rr round robin over channels, sv-reuseport kernel-steered round "
+                 "robin, reuseport the kernel's own hash; rss: sv-rr)")
         L.append("")
-        L.append("| run | workers | connections (wrk / stats) | errors | balance max/min | per-worker connections "
+        L.append("| run | server | workers | connections (wrk / stats) | errors | balance max/min | per-worker connections "
                  "| master µs/conn | master RSS MiB start / middle / end | peak RSS MiB |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in longs:
             s = r.get("samples") or []
             per = "/".join(str(v[0]) for v in sorted((r.get("worker_stats") or {}).values(), reverse=True))
             rss = (f"{s[0]['rss_mb']:.2f} / {s[len(s) // 2]['rss_mb']:.2f} / {s[-1]['rss_mb']:.2f}" if s else "-")
             L.append(f"| {r.get('kind')}{'' if r.get('ok') else ' (incomplete: ' + (r.get('error') or 'target not reached') + ')'} "
-                     f"| {r.get('workers')} | {r.get('wrk_conns', '-')} / {r.get('stats_conns', '-')} | {r.get('errors', '-')} "
-                     f"| {fmt(r.get('bal_conns'), '.4f')} | {per or '-'} | {fmt(r.get('master_us_per_conn'), '.1f')} "
+                     f"| {r.get('server')} | {r.get('workers')} | {r.get('wrk_conns', '-')} / {r.get('stats_conns', '-')} | {r.get('errors', '-')} "
+                     f"| {fmt(r.get('bal_conns'), '.4f')} | {per or '-'} "
+                     f"| {'-' if r.get('server') == REF else fmt(r.get('master_us_per_conn'), '.2f')} "
                      f"| {rss} | {fmt(s[-1]['hwm_mb'] if s else None, '.2f')} |")
         L.append("")
 
@@ -247,12 +255,13 @@ def targets(cfg, S, recs):
         v = med([r.get("master_us_per_conn") for r in rs])
         L.append(f"| sockvisor CPU ≤ 10 µs per dispatched connection ({w} workers) | {fmt(v, '.1f')} | {verdict(v, lambda x: x <= 10, fl)} |")
     bal = [r for r in recs if r.get("part") == "long" and r.get("kind") == "balance" and r.get("ok")]
-    for r in bal:
+    for r in [r for r in bal if r.get("server", "sv-rr") == "sv-rr"]:
         v = r.get("bal_conns")
         L.append(f"| balance ≤ 1.02 over ≥ 100k connections, round robin ({r['workers']} workers, "
                  f"{r.get('stats_conns')} conns) | {fmt(v, '.4f')} | {verdict(v, lambda x: x <= 1.02)} |")
     if not bal:
         L.append("| balance ≤ 1.02 over ≥ 100k connections, round robin | - | n/a (run with --long) |")
+    L += reuseport_targets(cfg, S, bal, verdict)
     sv = [r for r in recs if r.get("part") == "ready" and r.get("server") == "sv-ready" and r.get("ok")]
     ref = [r for r in recs if r.get("part") == "ready" and r.get("server") == "startup-ref" and r.get("ok")]
     hwm = max((r.get("master_hwm_mb") or 0) for r in sv) if sv else None
@@ -274,6 +283,43 @@ def targets(cfg, S, recs):
     L.append(f"| READY=1 within 50 ms + workers' start-up | READY {fmt(t, '.1f')} ms, workers' start-up "
              f"{fmt(t_ref, '.1f')} ms, difference {fmt(ok, '.1f')} ms | {verdict(ok, lambda x: x <= 50)} |")
     L.append("")
+    return L
+
+
+def reuseport_targets(cfg, S, bal, verdict):
+    """Issue 13's targets for the kernel-steered policy (`sv-reuseport`, `sv-udp-reuseport`), each
+    next to the figure it is compared with from the same run."""
+    a = cfg["args"]
+    L = []
+    if "sv-reuseport" in cfg.get("http_servers", {}):
+        for w in a["worker_counts"]:
+            v, _, _, fl = S.ratio("http", "sv-reuseport", REF, w, "close", "rps")
+            L.append(f"| reuseport policy close req/s ≥ 0.98x the SO_REUSEPORT reference ({w} workers) "
+                     f"| {fmt(v, '.3f')} | {verdict(v, lambda x: x >= 0.98, fl)} |")
+            rs, fl = S.rows("http", "sv-reuseport", w, "close")
+            v = med([r.get("master_us_per_conn") for r in rs])
+            rr, _ = S.rows("http", "sv-rr", w, "close")
+            ch = med([r.get("master_us_per_conn") for r in rr])
+            L.append(f"| reuseport policy: sockvisor CPU per connection about 0 (≤ 0.5 µs; round robin over "
+                     f"channels: {fmt(ch, '.1f')}) ({w} workers) | {fmt(v, '.3f')} µs "
+                     f"| {verdict(v, lambda x: x <= 0.5, fl)} |")
+    kernel = {r["workers"]: r for r in bal if r.get("server") == REF}
+    for r in [r for r in bal if r.get("server") == "sv-reuseport"]:
+        v = r.get("bal_conns")
+        k = kernel.get(r["workers"])
+        kv = f"{fmt(k.get('bal_conns'), '.4f')} over {k.get('stats_conns')}" if k else "not run"
+        L.append(f"| reuseport policy balance ≤ 1.01 over ≥ 100k connections ({r['workers']} workers, "
+                 f"{r.get('stats_conns')} conns; the kernel's hash in the same run: {kv}) "
+                 f"| {fmt(v, '.4f')} | {verdict(v, lambda x: x <= 1.01)} |")
+    if "sv-udp-reuseport" in cfg.get("udp_servers", {}) and "udp" in cfg["parts"]:
+        for w in a["worker_counts"]:
+            rs, fl = S.rows("udp", "sv-udp-reuseport", w, "udp")
+            v = med([r.get("bal_dgrams") for r in rs])
+            sh, _ = S.rows("udp", "sv-udp-shared", w, "udp")
+            shv = med([r.get("bal_dgrams") for r in sh])
+            L.append(f"| UDP reuseport policy: datagrams per worker max/min ≤ 1.2 with {a.get('udp_flows', 1)} "
+                     f"flows ({w} workers; the shared socket in the same run: {fmt(shv, '.2f')}) "
+                     f"| {fmt(v, '.3f')} | {verdict(v, lambda x: x <= 1.2, fl)} |")
     return L
 
 

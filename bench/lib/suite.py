@@ -3,18 +3,23 @@
 
 Parts, all in one invocation:
   http   every server config (sockvisor with each dispatch policy, the
-         SO_REUSEPORT reference `hello --reuseport`, Node cluster rr/none) at
-         each worker count, under the `close` and `keepalive` wrk loads,
-         INTERLEAVED: per repetition every config runs once per load, and the
-         order rotates between repetitions; medians over repetitions.
-  udp    echoed datagrams/s through sockvisor's shared UDP socket (and Node
-         cluster's shared dgram socket for context), bounded python client.
+         kernel-steered one included, the SO_REUSEPORT reference
+         `hello --reuseport`, Node cluster rr/none) at each worker count, under
+         the `close` and `keepalive` wrk loads, INTERLEAVED: per repetition
+         every config runs once per load, and the order rotates between
+         repetitions; medians over repetitions.
+  udp    echoed datagrams/s and the per-worker balance through sockvisor's
+         shared UDP socket and its per-worker reuseport sockets (and Node
+         cluster's shared dgram socket for context), bounded python client
+         sending from --udp-flows source ports.
   ready  time from exec to READY=1 on $NOTIFY_SOCKET with 8 workers, the
          workers' own start-up (reference: 8 `hello --reuseport` processes,
          exec to first HTTP 200), and the master's peak RSS after a short
          close load with 8 workers.
-  long   (--long) round-robin balance over >= 100k connections, and master
-         RSS sampled over a ~1M-connection run with 8 workers.
+  long   (--long) balance over >= 100k connections of sockvisor's round robin,
+         its kernel-steered round robin and the kernel's own SO_REUSEPORT hash
+         (--long-servers), and master RSS sampled over a ~1M-connection run
+         with 8 workers.
 
 Results: runs.jsonl (every run, every attempt), config.json, wrk/client
 output and server logs, summary.md (report.py) in bench/results/<timestamp>/.
@@ -47,12 +52,14 @@ HTTP_SERVERS = {
     "sv-shared": SV + " --dispatch shared -- $HELLO",
     "sv-iphash": SV + " --dispatch ip-hash -- $HELLO",
     "sv-lc": SV + " --dispatch least-connections -- $HELLO",
+    "sv-reuseport": SV + " --dispatch reuseport -- $HELLO",
     "reuseport": "$HELLO --reuseport $HOST:$PORT --processes $WORKERS",
     "node-rr": "NODE_CLUSTER_SCHED_POLICY=rr node $BENCH/node/cluster.js",
     "node-none": "NODE_CLUSTER_SCHED_POLICY=none node $BENCH/node/cluster.js",
 }
 UDP_SERVERS = {
-    "sv-udp": SV + " --listen dns=udp://$HOST:$UDP_PORT -- $HELLO",
+    "sv-udp-shared": SV + " --dispatch shared --listen dns=udp://$HOST:$UDP_PORT -- $HELLO",
+    "sv-udp-reuseport": SV + " --dispatch reuseport --listen dns=udp://$HOST:$UDP_PORT -- $HELLO",
     "node-udp": "node $BENCH/node/cluster.js",
 }
 # servers whose session leader does not dispatch (kernel balancing): no
@@ -61,6 +68,12 @@ NO_DISPATCHER = {"reuseport"}
 READY_SERVER = SV + " -- $HELLO"
 STARTUP_REF = "$HELLO --reuseport $HOST:$PORT --processes $WORKERS"
 LONG_SERVER = SV + " --dispatch round-robin -- $HELLO"
+# the long part's balance runs (--long-servers picks among them); the RSS run is sv-rr's
+LONG_BALANCE = {
+    "sv-rr": LONG_SERVER,
+    "sv-reuseport": HTTP_SERVERS["sv-reuseport"],
+    "reuseport": HTTP_SERVERS["reuseport"],
+}
 
 # --stand-in REFSERVER: the research C refserver plays sockvisor and the
 # reuseport reference, so the plumbing can be checked before sockvisor exists.
@@ -71,12 +84,14 @@ STANDIN_HTTP = {
     "sv-shared": R + " -m b",  # shared fd, plain epoll
     "sv-iphash": R + " -m a",
     "sv-lc": R + " -m ab",
+    "sv-reuseport": R + " -m c",
     "reuseport": R + " -m c",  # SO_REUSEPORT listener per worker
 }
-STANDIN_UDP = {"sv-udp": "node $BENCH/node/cluster.js"}
+STANDIN_UDP = {"sv-udp-shared": "node $BENCH/node/cluster.js"}
 STANDIN_READY = "python3 $BENCH/lib/notify_standin.py -- " + R + " -m a"
 STANDIN_STARTUP_REF = R + " -m c"
 STANDIN_LONG = R + " -m a"
+STANDIN_LONG_BALANCE = {"sv-rr": STANDIN_LONG, "sv-reuseport": R + " -m c", "reuseport": R + " -m c"}
 
 PROFILES = {
     #          reps  secs  workers  ready reps  long: conns for balance, for RSS
@@ -184,8 +199,21 @@ def measured_run(ctx, part, name, cmd, workers, load, rep):
     rec["stats_reqs"] = sum(v[1] for v in st.values()) if st else None
     rec["bal_conns"], rec["conn_shares"] = H.balance([v[0] for v in st.values()])
     rec["bal_reqs"], rec["req_shares"] = H.balance([v[1] for v in st.values()])
+    if load == "udp":
+        udp_balance(rec, workers)
     derive(rec)
     return rec
+
+
+def udp_balance(rec, workers):
+    """Per-worker echoed datagrams and flows (from the echo's worker prefix): max/min over
+    `workers` workers, a worker that answered nothing counting as 0."""
+    for src, bk, sk in (("per_worker", "bal_dgrams", "dgram_shares"),
+                        ("flows_per_worker", "bal_flows", "flow_shares")):
+        counts = list((rec.get(src) or {}).values())
+        if counts:
+            counts += [0] * max(0, workers - len(counts))
+            rec[bk], rec[sk] = H.balance(counts)
 
 
 def sv_status(a, control):
@@ -220,10 +248,10 @@ def derive(rec):
 
 
 def run_line(r):
-    # close: per-worker connections; keepalive: requests; udp: worker CPU (the
-    # stats files count TCP only)
+    # close: per-worker connections; keepalive: requests; udp: echoed datagrams per worker
+    # (from the echo's worker prefix)
     bk, sk = {"close": ("bal_conns", "conn_shares"), "keepalive": ("bal_reqs", "req_shares"),
-              "udp": ("bal_cpu", "cpu_shares")}[r["load"]]
+              "udp": ("bal_dgrams", "dgram_shares")}[r["load"]]
     bal, sh = r.get(bk), r.get(sk)
     return (f"#   {r['server']:<10} w={r['workers']} {r['load']:<9} rep={r['rep']} "
             f"rps={H.fmt(r.get('rps'), '.0f')} p50={H.fmt(r.get('p50'), '.2f')} "
@@ -375,22 +403,27 @@ def long_run(ctx, name, cmd, workers, target, kind):
     return rec
 
 
-def part_long(ctx, cmd):
+def part_long(ctx, cmd, balance_servers):
+    """Balance runs: every server of `balance_servers` at every worker count, one after the
+    other per worker count (the same minutes of the same run); then sv-rr's RSS run."""
     a = ctx.a
-    jobs = [("balance", w, a.balance_conns) for w in a.worker_counts] + [("rss", a.ready_workers, a.rss_conns)]
-    for kind, w, target in jobs:
-        log(f"# long: {kind}, {w} workers, {target} connections (at most {a.long_max_s:.0f}s)")
+    jobs = [("balance", name, bcmd, w, a.balance_conns) for w in a.worker_counts
+            for name, bcmd in balance_servers.items()]
+    if a.rss_conns > 0:
+        jobs.append(("rss", "sv-rr", cmd, a.ready_workers, a.rss_conns))
+    for kind, name, c, w, target in jobs:
+        log(f"# long: {kind}, {name}, {w} workers, {target} connections (at most {a.long_max_s:.0f}s)")
         try:
-            r = long_run(ctx, "sv-rr", cmd, w, target, kind)
+            r = long_run(ctx, name, c, w, target, kind)
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
             log(f"#   long {kind} FAILED: {e}")
-            r = {"part": "long", "kind": kind, "server": "sv-rr", "workers": w, "load": "close",
+            r = {"part": "long", "kind": kind, "server": name, "workers": w, "load": "close",
                  "rep": 1, "ok": False, "error": str(e)}
         r["attempt"] = 0
         ctx.write(r)
         s = r.get("samples") or []
         if s:
-            log(f"#   long-{kind} w={w}: {r['wrk_conns']} conns, stats {r.get('stats_conns')}, "
+            log(f"#   long-{kind} {name} w={w}: {r['wrk_conns']} conns, stats {r.get('stats_conns')}, "
                 f"bal={H.fmt(r.get('bal_conns'), '.4f')}, errors={r['errors']}, "
                 f"rss {s[0]['rss_mb']:.2f} -> {s[len(s) // 2]['rss_mb']:.2f} -> {s[-1]['rss_mb']:.2f} MB, "
                 f"hwm {s[-1]['hwm_mb']:.2f} MB")
@@ -417,6 +450,7 @@ def main():
     ap.add_argument("--status", action="store_true",
                     help="also read per-worker `dispatched` counts with `sockvisor status --json --control PATH`")
     ap.add_argument("--servers", default=None, help="comma list of http server names to run (default all)")
+    ap.add_argument("--udp-servers", default=None, help="comma list of udp server names to run (default all)")
     ap.add_argument("--loads", default="close,keepalive")
     ap.add_argument("-n", "--runs", type=int, help="repetitions")
     ap.add_argument("-d", "--duration", type=int, help="seconds per measured run")
@@ -428,11 +462,17 @@ def main():
     ap.add_argument("--rss-conns", type=int)
     ap.add_argument("--long-chunk", type=int, default=5, help="seconds per wrk chunk in the long part")
     ap.add_argument("--long-max-s", type=float, default=300.0, help="bound on each long run")
+    ap.add_argument("--long-servers", default=",".join(LONG_BALANCE),
+                    help=f"servers of the long balance runs (comma list of {', '.join(LONG_BALANCE)}); "
+                         "--rss-conns 0 leaves out the RSS run")
     ap.add_argument("-c", "--conns", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("-w", "--warmup", type=int, default=0)
     ap.add_argument("--udp-window", type=int, default=32)
     ap.add_argument("--udp-size", type=int, default=64)
+    ap.add_argument("--udp-flows", type=int, default=4096,
+                    help="source ports of the UDP client (flows; the reuseport policy keeps a flow on one "
+                         "worker, so its balance needs many); 1 = one socket")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--settle", type=float, default=0.5)
     ap.add_argument("--cooldown", type=float, default=1.0)
@@ -462,14 +502,27 @@ def main():
     http_servers = dict(HTTP_SERVERS)
     udp_servers = dict(UDP_SERVERS)
     ready_cmd, startup_ref, long_cmd = READY_SERVER, STARTUP_REF, LONG_SERVER
+    long_balance = dict(LONG_BALANCE)
     if a.stand_in:
         a.stand_in = os.path.abspath(a.stand_in)
         http_servers.update(STANDIN_HTTP)
-        udp_servers.update(STANDIN_UDP)
+        udp_servers = dict(STANDIN_UDP, **{k: v for k, v in udp_servers.items() if k == "node-udp"})
         ready_cmd, startup_ref, long_cmd = STANDIN_READY, STANDIN_STARTUP_REF, STANDIN_LONG
+        long_balance = dict(STANDIN_LONG_BALANCE)
+    want = [x for x in a.long_servers.split(",") if x]
+    unknown = [x for x in want if x not in long_balance]
+    if unknown:
+        ap.error(f"unknown --long-servers {unknown}; known: {', '.join(long_balance)}")
+    long_balance = {k: v for k, v in long_balance.items() if k in want}
     if a.ref_a:
         a.ref_a = os.path.abspath(a.ref_a)
         http_servers["ref-a"] = "$REF_A -w $WORKERS -p $PORT -H $HOST -m a"
+    if a.udp_servers:
+        want = a.udp_servers.split(",")
+        unknown = [s for s in want if s not in udp_servers]
+        if unknown:
+            ap.error(f"unknown UDP server(s) {unknown}; known: {', '.join(udp_servers)}")
+        udp_servers = {k: v for k, v in udp_servers.items() if k in want}
     if a.servers:
         want = a.servers.split(",")
         unknown = [s for s in want if s not in http_servers]
@@ -478,7 +531,7 @@ def main():
         http_servers = {k: v for k, v in http_servers.items() if k in want}
 
     used = list(http_servers.values()) * ("http" in parts) + list(udp_servers.values()) * ("udp" in parts) \
-        + [ready_cmd, startup_ref] * ("ready" in parts) + [long_cmd] * ("long" in parts)
+        + [ready_cmd, startup_ref] * ("ready" in parts) + ([long_cmd] + list(long_balance.values())) * ("long" in parts)
     for var, path in (("$SOCKVISOR", a.sockvisor), ("$HELLO", a.hello)):
         if any(var in c for c in used) and not os.access(path, os.X_OK):
             ap.error(f"{path} is missing or not executable (build it, or check the harness with --stand-in)")
@@ -500,7 +553,8 @@ def main():
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items()}, "parts": parts, "loads": loads,
                    "http_servers": http_servers, "udp_servers": udp_servers, "ready_cmd": ready_cmd,
-                   "startup_ref": startup_ref, "long_cmd": long_cmd, "stand_in": bool(a.stand_in),
+                   "startup_ref": startup_ref, "long_cmd": long_cmd, "long_balance": long_balance,
+                   "stand_in": bool(a.stand_in),
                    "uname": " ".join(os.uname()), "cpus": os.cpu_count(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
 
@@ -516,7 +570,7 @@ def main():
         if "ready" in parts:
             part_ready(ctx, ready_cmd, startup_ref)
         if "long" in parts:
-            part_long(ctx, long_cmd)
+            part_long(ctx, long_cmd, long_balance)
     except KeyboardInterrupt:
         interrupted = True
         log("# interrupted: the running server was stopped; partial summary follows")
