@@ -128,7 +128,9 @@ impl BpfError {
         }
         if self.is_permission() {
             return "the kernel-steered policy needs CAP_BPF (Linux 5.8+) or CAP_SYS_ADMIN \
-                    (AmbientCapabilities=CAP_BPF in the unit, or run as root)";
+                    (as root under systemd: CAP_BPF in the unit's CapabilityBoundingSet=; as \
+                    another user: AmbientCapabilities=CAP_BPF; in a container: CAP_BPF and the \
+                    bpf system call from the container manager)";
         }
         match self.errno {
             libc::ENOSYS => "this kernel has no bpf(2) (CONFIG_BPF_SYSCALL)",

@@ -99,6 +99,13 @@ pub struct Steered {
 
 /// Why a worker listener cannot bind beside `anchor`.
 fn cannot_join(anchor: BorrowedFd<'_>, e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::EACCES) {
+        return format!(
+            "cannot open a worker listener beside the socket: {e} (a port below \
+             net.ipv4.ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE, also in the unit's \
+             CapabilityBoundingSet=)"
+        );
+    }
     if e.raw_os_error() != Some(libc::EADDRINUSE) {
         return format!("cannot open a worker listener beside the socket: {e}");
     }
@@ -114,8 +121,10 @@ fn cannot_join(anchor: BorrowedFd<'_>, e: &io::Error) -> String {
             )
         }
         owner => format!(
-            "sockvisor runs as uid {me} but the socket was bound by {} (run sockvisor as the \
-             socket's user: the service's User= must match the socket unit's)",
+            "sockvisor runs as uid {me} but the socket was bound by {}, and a SO_REUSEPORT \
+             group takes one user's sockets (run sockvisor as the socket's user; systemd creates \
+             its sockets as root: no User= in the service unit, start the workers as another \
+             user with `user =` in the config)",
             owner.map_or_else(|| "another user".to_string(), |uid| format!("uid {uid}"))
         ),
     }
