@@ -24,6 +24,10 @@
 //!   SOCKVISOR_HELLO=PATH        use this hello binary instead of building the example
 //!   SB_DIR=DIR                  sandbox cache and instances (default /var/tmp/sockvisor-sandbox)
 //!
+//! The containers let their services use bpf(2) with CAP_BPF (`SB_BPF=1`: nspawn's defaults
+//! refuse it), so the shipped units run the default dispatch, kernel-steered round robin, as
+//! on a host; `scenario_reuseport_in_a_default_container` checks what nspawn's defaults give.
+//!
 //! One container per test (under a second to boot from the cached base rootfs), torn down by a
 //! drop guard even when the test panics, and by `sandbox.sh reap` at the next run when the test
 //! process was killed; the tests take a global lock so that they run one at a time (2-core
@@ -366,7 +370,15 @@ impl Sandbox {
         Ok((t.elapsed(), log.contains("base rootfs built")))
     }
 
+    /// Boots a container whose services may use bpf(2) with CAP_BPF, as on a host
+    /// (`SB_BPF=1`): the shipped units keep CAP_BPF for the kernel-steered dispatch (`auto`).
     fn up(test: &str, flavour: Flavour) -> Sandbox {
+        Sandbox::up_with(test, flavour, true)
+    }
+
+    /// `bpf = false`: nspawn's defaults, under which no service of the container can use
+    /// bpf(2) (no CAP_BPF in the container's set, and its seccomp filter refuses the call).
+    fn up_with(test: &str, flavour: Flavour, bpf: bool) -> Sandbox {
         // instances left by an earlier run that was killed (no drop guard ran)
         static REAP: Once = Once::new();
         REAP.call_once(|| {
@@ -391,7 +403,9 @@ impl Sandbox {
             net: Net(None),
         };
         let out = run(
-            Self::cmd(&name, flavour).arg("up"),
+            Self::cmd(&name, flavour)
+                .env("SB_BPF", if bpf { "1" } else { "" })
+                .arg("up"),
             Duration::from_secs(900),
         );
         let log = text(&out.stderr);
@@ -644,11 +658,20 @@ impl Net {
 
 // ------------------------------------------------------------------ clients (inside the netns)
 
+/// The units' address over IPv4.
+const V4: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), PORT);
+/// The units' address over IPv6 (the stock units listen on `[::]:8000`, dual-stack).
+const V6: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), PORT);
+
 /// One HTTP/1.0 GET of 127.0.0.1:8000 from the calling thread's namespace; returns the body.
 fn http_get() -> std::io::Result<String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], PORT));
+    http_get_from(V4, Duration::from_secs(3))
+}
+
+/// One HTTP/1.0 GET of `addr`, waiting up to `read_timeout` for the answer; returns the body.
+fn http_get_from(addr: SocketAddr, read_timeout: Duration) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(read_timeout))?;
     s.set_write_timeout(Some(Duration::from_secs(3)))?;
     s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let _ = s.shutdown(Shutdown::Write);
@@ -691,6 +714,9 @@ fn udp_echo(payload: &[u8]) -> std::io::Result<Vec<u8>> {
 struct LoopStats {
     ok: u64,
     refused: u64,
+    /// Connections reset (ECONNRESET), by a closed listener's queue or a killed worker.
+    reset: u64,
+    /// Any other failure: a timeout, an end of file without an answer, a bad answer.
     other_errors: u64,
     first_errors: Vec<String>,
     pids: BTreeSet<u32>,
@@ -722,10 +748,10 @@ impl ClientLoop {
                         }
                     }
                     Err(e) => {
-                        if e.kind() == ErrorKind::ConnectionRefused {
-                            s.refused += 1;
-                        } else {
-                            s.other_errors += 1;
+                        match e.kind() {
+                            ErrorKind::ConnectionRefused => s.refused += 1,
+                            ErrorKind::ConnectionReset => s.reset += 1,
+                            _ => s.other_errors += 1,
                         }
                         if s.first_errors.len() < 5 {
                             s.first_errors.push(e.to_string());
@@ -840,6 +866,30 @@ fn sockvisor_config(command: &str, workers: usize, extra: &str) -> String {
     )
 }
 
+/// How [`Fleet::build`] sets up the container and the units.
+struct Setup {
+    /// The container lets its services use bpf(2) ([`Sandbox::up_with`]).
+    bpf: bool,
+    /// The socket units exactly as shipped (`ListenStream=8000`: `[::]:8000`, dual-stack)
+    /// instead of 127.0.0.1 only.
+    stock_sockets: bool,
+    /// Drop-ins for socket units: (unit, content).
+    socket_dropins: Vec<(&'static str, &'static str)>,
+    /// Workers in the config (2 unless set).
+    workers: Option<usize>,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            bpf: true,
+            stock_sockets: false,
+            socket_dropins: Vec::new(),
+            workers: None,
+        }
+    }
+}
+
 struct Fleet {
     sb: Sandbox,
     test: String,
@@ -850,19 +900,34 @@ impl Fleet {
     /// Boots a container, installs the .deb and the hello worker, writes the unit pair and
     /// the config, starts myapp.socket. The service itself is not started.
     fn new(test: &str, flavour: Flavour) -> Fleet {
+        Fleet::build(test, flavour, &Setup::default())
+    }
+
+    /// [`Fleet::new`] with the choices of `setup`.
+    fn build(test: &str, flavour: Flavour, setup: &Setup) -> Fleet {
         let t0 = Instant::now();
         let (deb, hello) = (deb(), hello());
-        let sb = Sandbox::up(test, flavour);
+        let sb = Sandbox::up_with(test, flavour, setup.bpf);
         sb.install_deb(&deb);
         sb.push(&hello, "/usr/local/bin/hello");
-        let (web, dns) = socket_units();
+        let (web, dns) = if setup.stock_sockets {
+            (unit_file("myapp.socket"), unit_file("myapp-dns.socket"))
+        } else {
+            socket_units()
+        };
         sb.write("/etc/systemd/system/myapp.socket", &web);
         sb.write("/etc/systemd/system/myapp-dns.socket", &dns);
+        for (unit, content) in &setup.socket_dropins {
+            sb.write(&format!("/etc/systemd/system/{unit}.d/test.conf"), content);
+        }
         sb.write(
             "/etc/systemd/system/myapp.service",
             &unit_file("myapp.service"),
         );
-        sb.write("/etc/myapp/sockvisor.toml", &sockvisor_config(HELLO, 2, ""));
+        sb.write(
+            "/etc/myapp/sockvisor.toml",
+            &sockvisor_config(HELLO, setup.workers.unwrap_or(2), ""),
+        );
         sb.exec(&["systemctl", "daemon-reload"]);
         sb.exec(&["systemctl", "start", "myapp.socket"]);
         let test = format!("{}::{test}", flavour.name());
@@ -921,13 +986,20 @@ impl Fleet {
 
     /// `sockvisor status --json` through the unit's control socket, as an admin runs it.
     fn status(&self) -> serde_json::Value {
-        let out = self.sb.exec(&[
+        self.status_by(&[])
+    }
+
+    /// [`Fleet::status`] run through `prefix` (e.g. setpriv to another user: the client
+    /// talks only to a sockvisor of root or of its own uid).
+    fn status_by(&self, prefix: &[&str]) -> serde_json::Value {
+        let cmd = [
             "sockvisor",
             "status",
             "--json",
             "--control",
             "/run/myapp/control.sock",
-        ]);
+        ];
+        let out = self.sb.exec(&[prefix, &cmd[..]].concat());
         serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("sockvisor status --json: {e}: {out:?}"))
     }
@@ -1233,8 +1305,9 @@ fn scenario_socket_activation(flavour: Flavour) {
     );
     print_show(&f.test, "serving", &show);
     assert_eq!(show["ActiveState"], "active");
-    assert!(
-        show["StatusText"].starts_with("2/2 workers ready, 0 restarts, "),
+    // (the default dispatch: the workers accept, so no accepted/queued counts follow)
+    assert_eq!(
+        show["StatusText"], "2/2 workers ready, 0 restarts",
         "STATUS= from sockvisor: {show:?}"
     );
     assert_eq!(show["StatusErrno"], "0");
@@ -1255,6 +1328,13 @@ fn scenario_socket_activation(flavour: Flavour) {
         .filter_map(|l| l["name"].as_str())
         .collect();
     assert_eq!(listeners, BTreeSet::from(["dns", "web"]), "{v}");
+    for name in ["web", "dns"] {
+        assert_eq!(
+            listener_policy(&v, name),
+            ("reuseport".to_string(), None),
+            "the default dispatch under the shipped units: {v}"
+        );
+    }
     f.done();
 }
 
@@ -1415,8 +1495,12 @@ fn reload_scenario(test: &str, flavour: Flavour, by: ReloadBy) {
     assert_eq!(f.sb.prop("myapp.service", "ActiveState"), "active");
     client.wait_for_answers(10);
     let stats = client.finish();
+    eprintln!(
+        "[e2e] {}: client loop across the three reloads: {stats:?}",
+        f.test
+    );
     assert_eq!(
-        stats.refused + stats.other_errors,
+        stats.refused + stats.reset + stats.other_errors,
         0,
         "failed requests: {stats:?}"
     );
@@ -1565,17 +1649,26 @@ fn scenario_restart_under_load(flavour: Flavour) {
     let main = f.activate();
     let client = ClientLoop::start(f.net());
     client.wait_for_answers(10);
+    let t = Instant::now();
     f.sb.exec(&["systemctl", "restart", "myapp.service"]);
     let new_main = f.wait_active_workers(2);
     assert_ne!(new_main, main);
     client.wait_for_answer_from(&f.workers());
+    let back = t.elapsed();
     let stats = client.finish();
+    eprintln!(
+        "[e2e] {}: client loop across `systemctl restart` (answers from the new workers {:.2} s \
+         after it began): {stats:?}",
+        f.test,
+        back.as_secs_f64()
+    );
     assert_eq!(
         stats.refused, 0,
         "connections refused during restart: {stats:?}"
     );
     assert_eq!(
-        stats.other_errors, 0,
+        stats.reset + stats.other_errors,
+        0,
         "requests failed (not refused) during restart: {stats:?}"
     );
     assert!(stats.ok > 0);
@@ -1776,18 +1869,31 @@ fn scenario_stop_leaves_nothing(flavour: Flavour) {
     f.done();
 }
 
-/// SIGKILL of sockvisor under load: systemd restarts it, no refused connection, old workers
-/// gone. (Requests the killed fleet's workers were serving may fail: systemd SIGKILLs them
-/// with their connections when their sockvisor dies; those are counted, not asserted.)
+/// SIGKILL of sockvisor under load, under the default dispatch (`auto`, here the kernel-steered
+/// `reuseport`): systemd restarts it, and no connection is refused or reset. The program
+/// sockvisor attached outlives it (systemd's socket holds the group, the group the program),
+/// and sends every connection to systemd's socket while no sockvisor runs: the connections
+/// queued on the killed workers' listeners move there when the listeners close, and the ones
+/// arriving meanwhile wait there. The restarted sockvisor replaces the program once its
+/// first worker is ready ("took over steering") and moves the waiting connections to its
+/// workers. (Requests a killed worker had already accepted die with it, as with any policy;
+/// the client loop is sequential with 5 ms pauses, so it rarely has one in flight: counted as
+/// `other_errors` and printed, not asserted.)
 fn scenario_sigkill_main(flavour: Flavour) {
     let Some(_lock) = start("scenario_sigkill_main", flavour) else {
         return;
     };
     let f = Fleet::new("sigkill", flavour);
     let main = f.activate();
+    assert_eq!(
+        listener_policy(&f.status(), "web"),
+        ("reuseport".to_string(), None),
+        "the default dispatch under the shipped unit"
+    );
     let old = f.workers();
     let client = ClientLoop::start(f.net());
     client.wait_for_answers(10);
+    let killed = Instant::now();
     f.sb.exec(&[
         "systemctl",
         "kill",
@@ -1801,19 +1907,342 @@ fn scenario_sigkill_main(flavour: Flavour) {
     });
     let new_main = f.wait_active_workers(2);
     assert_ne!(new_main, main);
-    client.wait_for_answer_from(&f.workers());
+    let new = f.workers();
+    client.wait_for_answer_from(&new);
+    let back = killed.elapsed();
+    client.wait_for_answers(20);
     let stats = client.finish();
-    assert_eq!(
-        stats.refused, 0,
-        "connections refused after SIGKILL: {stats:?}"
-    );
     eprintln!(
-        "[e2e] {}: client loop across the SIGKILL: {stats:?}",
-        f.test
+        "[e2e] {}: client loop across the SIGKILL (answers from the new workers {:.2} s after \
+         the kill): {stats:?}",
+        f.test,
+        back.as_secs_f64()
+    );
+    assert_eq!(
+        (stats.refused, stats.reset),
+        (0, 0),
+        "connections refused or reset after SIGKILL: {stats:?}"
+    );
+    let journal = f.sb.journal("myapp.service");
+    assert!(
+        journal.contains("web: took over steering from the previous instance"),
+        "the restarted sockvisor did not replace the program: {journal}"
+    );
+    for line in journal
+        .lines()
+        .filter(|l| l.contains("steer") || l.contains("reuseport"))
+    {
+        eprintln!("[e2e] {}: {line}", f.test);
+    }
+    assert_eq!(
+        listener_policy(&f.status(), "web").0,
+        "reuseport",
+        "after the restart"
+    );
+    assert!(
+        stats.pids.is_subset(&old.union(&new).copied().collect()),
+        "answers from strangers: {stats:?}"
     );
     for pid in old {
         assert!(!f.sb.alive(pid), "old worker {pid} outlived its sockvisor");
     }
+    f.done();
+}
+
+// ------------------------------------------------------------------ the kernel-steered dispatch
+
+/// A listener's policy in a `sockvisor status --json` answer, and the note saying why it is
+/// not the one asked for.
+fn listener_policy(status: &serde_json::Value, name: &str) -> (String, Option<String>) {
+    let l = status["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no listener {name:?}: {status}"));
+    (
+        l["policy"].as_str().unwrap_or_default().to_string(),
+        l["policy_note"].as_str().map(str::to_string),
+    )
+}
+
+/// Exact round robin: the answers cycle through all `workers` in one fixed order.
+fn assert_round_robin(pids: &[u32], workers: &BTreeSet<u32>) {
+    let n = workers.len();
+    let seen: BTreeSet<u32> = pids.iter().copied().collect();
+    assert_eq!(
+        &seen, workers,
+        "answers not from exactly the workers: {pids:?}"
+    );
+    for (i, pid) in pids.iter().enumerate().skip(n) {
+        assert_eq!(*pid, pids[i - n], "not round robin at answer {i}: {pids:?}");
+    }
+}
+
+/// `flows` UDP sockets (one source port each) send `per_flow` datagrams each to the units'
+/// port; per flow, the pids of the workers that echoed it.
+fn udp_flows(flows: usize, per_flow: usize) -> Vec<BTreeSet<u32>> {
+    let socks: Vec<UdpSocket> = (0..flows)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let mut buf = [0u8; 2048];
+    socks
+        .iter()
+        .map(|s| {
+            (0..per_flow)
+                .map(|i| {
+                    let payload = format!("flow datagram {i}");
+                    s.send_to(payload.as_bytes(), ("127.0.0.1", PORT))
+                        .expect("send");
+                    let n = s.recv(&mut buf).expect("an echo within 3 s");
+                    body_pid(&text(&buf[..n]))
+                        .unwrap_or_else(|| panic!("no pid in {:?}", text(&buf[..n])))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Issue 13 item 5 under the real systemd: the shipped socket units (`ListenStream=8000`:
+/// `[::]:8000` dual-stack, bound by systemd as root) and the shipped service (root, CAP_BPF)
+/// with 4 hello workers and the default dispatch.
+/// - The connection that activates the service waits on systemd's socket while sockvisor and
+///   its workers start, and is answered (one connect, no retry).
+/// - Then exact round robin: 40 sequential connections, alternately over IPv4 (127.0.0.1,
+///   v4-mapped on the `[::]` socket) and IPv6 (::1), cycle through the 4 workers in one order.
+/// - `sockvisor status`: policy `reuseport` with no fallback note; the workers' `dispatched`
+///   counters (the program's) add up to the 41 connections.
+///
+/// `reuseport_yes = false`: myapp.socket as shipped, without `ReusePort=yes`: sockvisor sets
+/// SO_REUSEPORT on systemd's listening socket itself, and the socket joins its workers'
+/// group when the first worker listener listens. The UDP socket (myapp-dns.socket ships
+/// `ReusePort=yes`) is steered by flow: 64 client ports, each on one worker, all 4 used.
+///
+/// `reuseport_yes = true`: a drop-in `ReusePort=yes` on myapp.socket (the same results), and
+/// `ReusePort=no` on myapp-dns.socket: a UDP socket bound without SO_REUSEPORT cannot get a
+/// group, so that listener falls back to `shared` and `status` says why.
+fn reuseport_scenario(test: &str, flavour: Flavour, reuseport_yes: bool) {
+    let Some(_lock) = start(test, flavour) else {
+        return;
+    };
+    let setup = Setup {
+        stock_sockets: true,
+        socket_dropins: if reuseport_yes {
+            vec![
+                ("myapp.socket", "[Socket]\nReusePort=yes\n"),
+                ("myapp-dns.socket", "[Socket]\nReusePort=no\n"),
+            ]
+        } else {
+            Vec::new()
+        },
+        workers: Some(4),
+        ..Setup::default()
+    };
+    let f = Fleet::build(
+        if reuseport_yes { "rpyes" } else { "rpstock" },
+        flavour,
+        &setup,
+    );
+    let sockets = f.sb.show("myapp.socket", "Listen,ReusePort,SubState");
+    eprintln!("[e2e] {}: myapp.socket: {sockets:?}", f.test);
+    assert_eq!(
+        sockets["ReusePort"],
+        if reuseport_yes { "yes" } else { "no" }
+    );
+    assert_eq!(f.sb.prop("myapp.service", "ActiveState"), "inactive");
+
+    // the activating connection: one connect, answered once the fleet serves
+    let t = Instant::now();
+    let first = f
+        .net()
+        .run(|| http_get_from(V4, Duration::from_secs(30)))
+        .expect("the connection that activated the service was not answered");
+    let took = t.elapsed();
+    let main = f.wait_active_workers(4);
+    let workers = f.sb.children(main);
+    let first_pid = body_pid(&first).unwrap_or_else(|| panic!("no pid in {first:?}"));
+    assert!(
+        workers.contains(&first_pid),
+        "{first:?} not from {workers:?}"
+    );
+    eprintln!(
+        "[e2e] {}: the activating connection answered after {:.2} s by worker pid {first_pid}",
+        f.test,
+        took.as_secs_f64()
+    );
+
+    // exact round robin, both address families
+    let pids: Vec<u32> = f.net().run(|| {
+        (0..40)
+            .map(|i| {
+                let addr = if i % 2 == 0 { V4 } else { V6 };
+                let body = http_get_from(addr, Duration::from_secs(3))
+                    .unwrap_or_else(|e| panic!("GET {addr}: {e}"));
+                body_pid(&body).unwrap_or_else(|| panic!("no pid in {body:?}"))
+            })
+            .collect()
+    });
+    eprintln!("[e2e] {}: 40 connections answered by {pids:?}", f.test);
+    assert_round_robin(&pids, &workers);
+
+    // what sockvisor says
+    let v = f.status();
+    assert_eq!(
+        listener_policy(&v, "web"),
+        ("reuseport".to_string(), None),
+        "{v}"
+    );
+    let dispatched: u64 = v["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["dispatched"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(dispatched, 41, "the program's counters: {v}");
+    let journal = f.sb.journal("myapp.service");
+    assert!(
+        journal.contains("(web, reuseport, from systemd)"),
+        "{journal}"
+    );
+    assert!(!journal.contains("web: dispatch shared"), "{journal}");
+    let table = f.sb.exec(&[
+        "sockvisor",
+        "status",
+        "--control",
+        "/run/myapp/control.sock",
+    ]);
+    eprintln!("[e2e] {}: sockvisor status:\n{table}", f.test);
+
+    // UDP
+    let (policy, note) = listener_policy(&v, "dns");
+    if reuseport_yes {
+        assert_eq!(policy, "shared", "{v}");
+        let note = note.unwrap_or_default();
+        assert!(
+            note.contains("without SO_REUSEPORT") && note.contains("ReusePort=yes"),
+            "{v}"
+        );
+        assert!(
+            journal.contains("dns: dispatch shared, not reuseport: "),
+            "{journal}"
+        );
+        f.net().assert_udp_echo(b"shared-udp");
+    } else {
+        assert_eq!((policy.as_str(), note), ("reuseport", None), "{v}");
+        let flows = f.net().run(|| udp_flows(64, 3));
+        let split = flows.iter().filter(|p| p.len() != 1).count();
+        let used: BTreeSet<u32> = flows.iter().flatten().copied().collect();
+        eprintln!(
+            "[e2e] {}: UDP: 64 flows x 3 datagrams: {split} flows on more than one worker, \
+             workers used {used:?}",
+            f.test
+        );
+        assert_eq!(split, 0, "a flow moved between workers: {flows:?}");
+        assert_eq!(used, workers, "flows not spread over every worker");
+    }
+    f.done();
+}
+
+fn scenario_reuseport_stock_socket(flavour: Flavour) {
+    reuseport_scenario("scenario_reuseport_stock_socket", flavour, false);
+}
+
+fn scenario_reuseport_socket_reuseport_yes(flavour: Flavour) {
+    reuseport_scenario("scenario_reuseport_socket_reuseport_yes", flavour, true);
+}
+
+/// A service running as another user than the socket's (`User=nobody`; systemd creates its
+/// sockets as root): the kernel lets only one user's sockets into a SO_REUSEPORT group, so
+/// both listeners fall back to `shared`; the journal and `sockvisor status` name both uids
+/// and the fix; the fleet serves.
+fn scenario_reuseport_other_uid(flavour: Flavour) {
+    let Some(_lock) = start("scenario_reuseport_other_uid", flavour) else {
+        return;
+    };
+    let f = Fleet::new("rpuid", flavour);
+    f.dropin("user.conf", "[Service]\nUser=nobody\n");
+    f.sb.exec(&["systemctl", "daemon-reload"]);
+    let main = f.activate();
+    let uid =
+        f.sb.sh(&format!("awk '/^Uid:/{{print $2}}' /proc/{main}/status"));
+    assert_eq!(uid.trim(), "65534", "sockvisor's uid");
+    let v = f.status_by(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]);
+    for name in ["web", "dns"] {
+        let (policy, note) = listener_policy(&v, name);
+        assert_eq!(policy, "shared", "{name}: {v}");
+        let note = note.unwrap_or_default();
+        assert!(
+            note.contains("sockvisor runs as uid 65534 but the socket was bound by uid 0"),
+            "{name}: {note}"
+        );
+        assert!(
+            note.contains("no User= in the service unit"),
+            "{name}: {note}"
+        );
+    }
+    let journal = f.sb.journal("myapp.service");
+    let line = journal
+        .lines()
+        .find(|l| l.contains("web: dispatch shared, not reuseport: "))
+        .unwrap_or_else(|| panic!("no fallback line: {journal}"));
+    eprintln!("[e2e] {}: {line}", f.test);
+    let pids: BTreeSet<u32> = f.net().run(|| {
+        (0..20)
+            .map(|_| body_pid(&http_get().expect("GET")).expect("pid"))
+            .collect()
+    });
+    assert!(pids.is_subset(&f.workers()), "{pids:?}");
+    f.net().assert_udp_echo(b"uid-udp");
+    f.done();
+}
+
+/// A container as systemd-nspawn makes it by default: no CAP_BPF in its capability set, and a
+/// seccomp filter that refuses bpf(2) to every process its systemd starts. The shipped unit
+/// cannot load the program there: sockvisor serves with `shared` and says why, naming
+/// CAP_BPF, in the journal and in `sockvisor status`. (The fix is the container's:
+/// `--capability=CAP_BPF --system-call-filter=bpf`, what the other scenarios boot with.)
+fn scenario_reuseport_in_a_default_container(flavour: Flavour) {
+    let Some(_lock) = start("scenario_reuseport_in_a_default_container", flavour) else {
+        return;
+    };
+    let f = Fleet::build(
+        "rpnobpf",
+        flavour,
+        &Setup {
+            bpf: false,
+            ..Setup::default()
+        },
+    );
+    let caps = f.sb.sh("awk '/^CapBnd:/{print $2}' /proc/1/status");
+    f.activate();
+    let (policy, note) = listener_policy(&f.status(), "web");
+    let note = note.unwrap_or_default();
+    eprintln!(
+        "[e2e] {}: container bounding set {}; web: {policy}, {note}",
+        f.test,
+        caps.trim()
+    );
+    assert_eq!(policy, "shared");
+    assert!(
+        note.contains("bpf map create: Operation not permitted") && note.contains("CAP_BPF"),
+        "{note}"
+    );
+    let journal = f.sb.journal("myapp.service");
+    assert!(
+        journal.contains("web: dispatch shared, not reuseport: bpf map create"),
+        "{journal}"
+    );
+    assert!(f.net().retry_get(Duration::from_secs(5)).contains("hello"));
     f.done();
 }
 
@@ -2012,13 +2441,18 @@ flavour_tests!(
         scenario_broken_config,
         scenario_stop_leaves_nothing,
         scenario_sigkill_main,
+        scenario_reuseport_stock_socket,
+        scenario_reuseport_socket_reuseport_yes,
+        scenario_reuseport_other_uid,
+        scenario_reuseport_in_a_default_container,
         scenario_purge_keeps_user_sockets,
         scenario_template_instance,
     ]
 );
 
 // systemd 257: what a newer manager may do differently (notify-reload, the watchdog,
-// notifications, socket passing, restarts) and the package on Debian 13.
+// notifications, socket passing and the kernel-steered dispatch on its sockets, restarts and
+// crashes) and the package on Debian 13.
 flavour_tests!(
     debian13,
     Debian13,
@@ -2033,6 +2467,11 @@ flavour_tests!(
         scenario_fleet_watchdog_no_trigger,
         scenario_restart_under_load,
         scenario_notifications,
+        scenario_sigkill_main,
+        scenario_reuseport_stock_socket,
+        scenario_reuseport_socket_reuseport_yes,
+        scenario_reuseport_other_uid,
+        scenario_reuseport_in_a_default_container,
         scenario_purge_keeps_user_sockets,
         scenario_template_instance,
     ]

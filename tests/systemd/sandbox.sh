@@ -66,6 +66,12 @@
 #                        hybrid:  mirror the host's layout (v1 name=systemd + cgroup2)
 #   SB_BIND="SRC[:DST] ..."        extra read-only bind mounts (nspawn --bind-ro=)
 #   SB_BIND_RW="SRC[:DST] ..."     extra read-write bind mounts (nspawn --bind=)
+#   SB_BPF=1             let the container's services use bpf(2), as on a host: nspawn
+#                        --capability=CAP_BPF --system-call-filter=bpf. nspawn's default
+#                        capability set lacks CAP_BPF, and its seccomp filter refuses bpf(2)
+#                        with EPERM to every process the container's systemd starts, whatever
+#                        its capabilities (commands entered with `exec` are not filtered).
+#                        tests/systemd_e2e.rs sets it for all but one scenario
 #   SB_BOOT_ARGS="..."   extra arguments for the container's systemd
 #                        (e.g. systemd.log_level=debug systemd.mask=foo.service)
 #   SB_BOOT_TIMEOUT=90   seconds to wait for boot in `up`
@@ -317,6 +323,7 @@ cmd_up() {
     private) args+=(--private-network) ;;
     *) die "SB_NET must be host or private" ;;
   esac
+  [[ -z ${SB_BPF:-} ]] || args+=(--capability=CAP_BPF --system-call-filter=bpf)
   local b
   for b in $SB_BIND; do args+=(--bind-ro="$b"); done
   for b in $SB_BIND_RW; do args+=(--bind="$b"); done
