@@ -431,6 +431,15 @@ def part_long(ctx, cmd, balance_servers):
 
 # ---------------------------------------------------------------- main
 
+def pick(ap, servers, names, what):
+    """`servers` restricted to the comma list `names`; an unknown name is a usage error."""
+    want = [x for x in names.split(",") if x]
+    unknown = [x for x in want if x not in servers]
+    if unknown:
+        ap.error(f"unknown {what} {unknown}; known: {', '.join(servers)}")
+    return {k: v for k, v in servers.items() if k in want}
+
+
 def main():
     ap = argparse.ArgumentParser(prog="run.sh", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -509,26 +518,14 @@ def main():
         udp_servers = dict(STANDIN_UDP, **{k: v for k, v in udp_servers.items() if k == "node-udp"})
         ready_cmd, startup_ref, long_cmd = STANDIN_READY, STANDIN_STARTUP_REF, STANDIN_LONG
         long_balance = dict(STANDIN_LONG_BALANCE)
-    want = [x for x in a.long_servers.split(",") if x]
-    unknown = [x for x in want if x not in long_balance]
-    if unknown:
-        ap.error(f"unknown --long-servers {unknown}; known: {', '.join(long_balance)}")
-    long_balance = {k: v for k, v in long_balance.items() if k in want}
+    long_balance = pick(ap, long_balance, a.long_servers, "--long-servers")
     if a.ref_a:
         a.ref_a = os.path.abspath(a.ref_a)
         http_servers["ref-a"] = "$REF_A -w $WORKERS -p $PORT -H $HOST -m a"
     if a.udp_servers:
-        want = a.udp_servers.split(",")
-        unknown = [s for s in want if s not in udp_servers]
-        if unknown:
-            ap.error(f"unknown UDP server(s) {unknown}; known: {', '.join(udp_servers)}")
-        udp_servers = {k: v for k, v in udp_servers.items() if k in want}
+        udp_servers = pick(ap, udp_servers, a.udp_servers, "UDP server(s)")
     if a.servers:
-        want = a.servers.split(",")
-        unknown = [s for s in want if s not in http_servers]
-        if unknown:
-            ap.error(f"unknown server(s) {unknown}; known: {', '.join(http_servers)}")
-        http_servers = {k: v for k, v in http_servers.items() if k in want}
+        http_servers = pick(ap, http_servers, a.servers, "server(s)")
 
     used = list(http_servers.values()) * ("http" in parts) + list(udp_servers.values()) * ("udp" in parts) \
         + [ready_cmd, startup_ref] * ("ready" in parts) + ([long_cmd] + list(long_balance.values())) * ("long" in parts)
