@@ -313,6 +313,17 @@ fn a_crash_looping_fleet_backs_off_then_gives_up() {
         "{:?}",
         notify.seen
     );
+    // The last STATUS= (what `systemctl status` keeps after the exit) still says why.
+    let all = notify.all();
+    let last = all
+        .iter()
+        .rev()
+        .find_map(|m| m.lines().find_map(|l| l.strip_prefix("STATUS=")))
+        .expect("a STATUS=");
+    assert!(
+        last.starts_with("stopping: ") && last.contains("every worker slot failed 4 times"),
+        "{last}"
+    );
 }
 
 #[test]

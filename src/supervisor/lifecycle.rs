@@ -569,6 +569,7 @@ impl Supervisor {
         }
         log::info!("stopping: {reason}");
         self.phase = Phase::Stopping { exit_code };
+        self.stop_reason = Some(reason.to_string());
         self.drain_until = None;
         self.upstream.stopping(&format!("stopping: {reason}"));
         self.dispatch.stop(&self.poller);

@@ -109,6 +109,9 @@ pub struct Supervisor {
     checks: checks::ActiveChecks,
     /// The workers' message sockets (`messages = true`).
     messages: crate::messages::Router,
+    /// Why the fleet is stopping, kept at the end of `STATUS=` until sockvisor exits (so
+    /// `systemctl status` still says why after a give-up).
+    stop_reason: Option<String>,
     /// What dispatch made of the last failed worker (a program accepting on a channel),
     /// repeated in `STATUS=` and at give-up until the slots start up again.
     diagnosis: Option<String>,
@@ -277,6 +280,7 @@ impl Supervisor {
             checks: checks::ActiveChecks::default(),
             messages: crate::messages::Router::default(),
             diagnosis: None,
+            stop_reason: None,
             observer: observe::Observer::new(http),
             drain_until: None,
             recycler: recycle::Recycler::default(),

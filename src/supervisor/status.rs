@@ -64,9 +64,15 @@ impl Supervisor {
         } else if self.drain_until.is_some() {
             s.insert_str(0, "draining: ");
         }
-        if let Some(d) = &self.diagnosis {
+        // Stopping: why (a give-up's reason already carries the diagnosis); else the
+        // diagnosis of the last failed worker, if any.
+        let why = match (self.stopping(), &self.stop_reason) {
+            (true, Some(reason)) => Some(reason),
+            _ => self.diagnosis.as_ref(),
+        };
+        if let Some(why) = why {
             s.push_str("; ");
-            s.push_str(d);
+            s.push_str(why);
         }
         s
     }
