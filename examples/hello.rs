@@ -235,10 +235,15 @@ impl Server {
         if matches!(s, Source::Conn(_)) {
             self.open -= 1;
         }
-        // closing the last reference removes it from epoll; an Incoming's fd may be shared
-        // with close reports, so delete explicitly
+        // Delete explicitly rather than rely on close: an Incoming's fd may be shared with
+        // close reports, and a connection's file may outlive our close (sockvisor still
+        // holds it for a moment after the hand-over). Left in epoll, its stale entry can be
+        // polled by our epoll_wait just as sockvisor lets go, which defers the final release
+        // (the FIN) to our next return from the kernel: the client waited for its end of
+        // file until the next event (docs/protocol.md, lifetime rules).
         let _ = match &s {
             Source::Incoming(x) => self.ep.delete(x.as_fd()),
+            Source::Conn(c) => self.ep.delete(c.c.as_fd()),
             _ => Ok(()),
         };
         Some(s)

@@ -13,12 +13,15 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # as programs first (--all-targets alone builds examples only as test harnesses).
 cargo build --bins --examples
 mkdir -p target
-cargo test --all-targets 2>&1 | tee target/test-output.log
-cargo test --doc 2>&1 | tee -a target/test-output.log
+# --no-fail-fast: one failing test binary does not hide the others' results; the exit
+# status comes at the end, after the summary.
+failed=0
+cargo test --no-fail-fast --all-targets 2>&1 | tee target/test-output.log || failed=1
+cargo test --doc 2>&1 | tee -a target/test-output.log || failed=1
 # Fuzz smoke: every target in fuzz/ for 20 s (scripts/fuzz-smoke.sh). Required in CI
 # (.ci/run installs cargo-fuzz); skipped with a message elsewhere when it is not installed.
 if [[ -n ${CI:-} ]] || cargo fuzz --version >/dev/null 2>&1; then
-  scripts/fuzz-smoke.sh
+  scripts/fuzz-smoke.sh || failed=1
 else
   echo "fuzz smoke skipped: cargo-fuzz not installed (cargo install cargo-fuzz --locked)"
 fi
@@ -29,3 +32,7 @@ fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      /^(test .* \.\.\. )?SKIP: / { k++ }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p - k, f, s + k }' target/test-output.log
+if ((failed)); then
+  echo "FAILED: the failing tests are listed above (grep -n 'FAILED\|panicked' target/test-output.log)"
+  exit 1
+fi

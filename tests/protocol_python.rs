@@ -338,3 +338,60 @@ fn hello_worker_shared_mode() {
     kill(w.pid(), Signal::SIGTERM).unwrap();
     assert!(w.wait().success());
 }
+
+/// docs/protocol.md, lifetime rules: hello takes a connection out of its epoll set before it
+/// closes it. Here the test keeps its own reference to the server side, as sockvisor does for
+/// a moment after a hand-over; a stale epoll entry left behind (the file outlives hello's
+/// close) could otherwise be the last holder inside epoll_wait, delaying the FIN until hello's
+/// next event (seen in CI as a client waiting 10 s for the end of a served request).
+#[test]
+fn hello_takes_a_connection_out_of_epoll_before_closing_it() {
+    use std::os::unix::fs::MetadataExt;
+    let hello = hello_exe();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ch = Channel::new().unwrap();
+    let w = Worker::spawn(&ch, &[hello.to_str().unwrap()], &[]);
+    let (mut c, s) = connect(&l);
+    let held = s.try_clone().unwrap();
+    let inode = std::fs::metadata(format!("/proc/self/fd/{}", held.as_raw_fd()))
+        .unwrap()
+        .ino();
+    ch.send(s, false).unwrap();
+    c.write_all(REQUEST).unwrap();
+    // The whole answer arrives; the end of file cannot (the test holds the socket).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&got).ends_with(")\n") {
+        let n = c.read(&mut buf).expect("read the answer");
+        assert!(n > 0, "end of file while the test holds the socket");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let proc_dir = format!("/proc/{}", w.pid());
+    let socket = format!("socket:[{inode}]");
+    let fds = |what: &str| -> Vec<(String, String)> {
+        std::fs::read_dir(format!("{proc_dir}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                let target = target.to_string_lossy().into_owned();
+                (target == what).then(|| (e.file_name().to_string_lossy().into_owned(), target))
+            })
+            .collect()
+    };
+    wait_until("hello to close its connection", || fds(&socket).is_empty());
+    let epolls = fds("anon_inode:[eventpoll]");
+    assert!(!epolls.is_empty(), "hello has no epoll fd");
+    let stale = format!("ino:{inode:x} ");
+    for (fd, _) in epolls {
+        let info = std::fs::read_to_string(format!("{proc_dir}/fdinfo/{fd}")).unwrap();
+        assert!(
+            !info.lines().any(|l| l.contains(&stale)),
+            "hello's epoll (fd {fd}) still watches the connection it closed:\n{info}"
+        );
+    }
+    drop(held);
+    let mut rest = String::new();
+    c.read_to_string(&mut rest).expect("the end of file");
+    assert!(String::from_utf8_lossy(&got).contains("hello from worker 7"));
+}
