@@ -13,6 +13,7 @@ use super::bpf::{self, AttachType, Program};
 use super::group::{Key, SteeredGroup};
 use super::listener;
 use super::program::probes_of_kernel_behaviour as kernel_probe;
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -64,37 +65,58 @@ fn stream_socket(family: AddressFamily) -> OwnedFd {
     socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()
 }
 
-/// A TCP listener at `addr` (`SO_REUSEPORT` before bind or not), non-blocking.
+/// A TCP listener at `addr` (with `SO_REUSEPORT` or not), non-blocking.
+///
+/// Port 0 is resolved first and bound by number, as sockvisor does: a socket whose port the
+/// kernel picked is not port-locked, and a requeue (shutdown + listen) would release it. As
+/// sockvisor does too, `SO_REUSEPORT` comes after `listen`: set before the bind, another
+/// test's listener that resolved the same free port in the meantime could join this group.
+/// A port taken between the probe and the listen is tried again with a new one.
 fn tcp_listener(addr: SocketAddr, reuseport: bool) -> TcpListener {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let s = stream_socket(family);
-    if reuseport {
-        setsockopt(&s, sockopt::ReusePort, &true).unwrap();
+    for _ in 0..16 {
+        let s = stream_socket(family);
+        if addr.is_ipv6() {
+            setsockopt(&s, sockopt::Ipv6V6Only, &false).unwrap();
+        }
+        let mut at = addr;
+        if at.port() == 0 {
+            at.set_port(TcpListener::bind(at).unwrap().local_addr().unwrap().port());
+        }
+        let listening = bind(s.as_raw_fd(), &SockaddrStorage::from(at))
+            .and_then(|()| listen(&s, Backlog::new(128).unwrap()));
+        match listening {
+            Err(Errno::EADDRINUSE) if addr.port() == 0 => continue,
+            r => r.unwrap(),
+        }
+        if reuseport {
+            setsockopt(&s, sockopt::ReusePort, &true).unwrap();
+        }
+        let l = TcpListener::from(s);
+        l.set_nonblocking(true).unwrap();
+        return l;
     }
-    if addr.is_ipv6() {
-        setsockopt(&s, sockopt::Ipv6V6Only, &false).unwrap();
+    panic!("no free port for {addr} in 16 tries");
+}
+
+/// What systemd binds for `ReusePort=yes`: `SO_REUSEPORT` before the bind, so the listener is
+/// a group of one from its `listen`. The port is resolved first as in [`tcp_listener`]; the
+/// test that uses this carries no traffic, so a test that resolved the same port meanwhile
+/// and joined would not change what it checks.
+fn listener_reuseport_before_bind(addr: SocketAddr) -> TcpListener {
+    let s = stream_socket(AddressFamily::Inet);
+    setsockopt(&s, sockopt::ReusePort, &true).unwrap();
+    let mut at = addr;
+    if at.port() == 0 {
+        at.set_port(TcpListener::bind(at).unwrap().local_addr().unwrap().port());
     }
-    // Port 0 is resolved first and bound by number, as sockvisor does: a socket whose port the
-    // kernel picked is not port-locked, and a requeue (shutdown + listen) would release it.
-    let mut addr = addr;
-    if addr.port() == 0 {
-        addr.set_port(
-            TcpListener::bind(addr)
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
-        );
-    }
-    bind(s.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+    bind(s.as_raw_fd(), &SockaddrStorage::from(at)).unwrap();
     listen(&s, Backlog::new(128).unwrap()).unwrap();
-    let l = TcpListener::from(s);
-    l.set_nonblocking(true).unwrap();
-    l
+    TcpListener::from(s)
 }
 
 fn sibling(anchor: &impl AsFd) -> TcpListener {
@@ -232,16 +254,25 @@ fn wait_queued(listener: &impl AsFd, n: u32) -> u32 {
     }
 }
 
-/// Half-open (SYN_RECV) request sockets for local `port` in /proc/net/tcp and tcp6.
-fn syn_recv_count(port: u16) -> usize {
-    let needle = format!(":{port:04X} ");
+/// Connections from `clients` that the server side holds in `SYN_RECV` on `port`. Only these
+/// clients' own: a listener that had the same port number in an earlier test may have left
+/// request sockets behind until their timer ends.
+fn syn_recv_count(port: u16, clients: &[TcpStream]) -> usize {
+    let local = format!(":{port:04X}");
+    let remotes: Vec<String> = clients
+        .iter()
+        .map(|c| format!(":{:04X}", c.local_addr().unwrap().port()))
+        .collect();
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(needle.trim_end()) && f[3] == "03"
+            f.len() > 3
+                && f[1].ends_with(&local)
+                && remotes.iter().any(|r| f[2].ends_with(r.as_str()))
+                && f[3] == "03"
         })
         .count()
 }
@@ -451,12 +482,17 @@ fn close_one_with_queued(attach: AttachType) -> (Vec<usize>, usize, usize) {
     }
     let victim = f.workers.remove(1);
     f.group.set_ready(&[key(1), key(3), key(4)]).unwrap();
-    drop(victim); // the only fd: the listener closes
-    assert_eq!(
-        f.group.cookie(key(2)).unwrap(),
-        None,
-        "the kernel emptied its slot"
-    );
+    // Our only fd: the listener closes, once a child that another test forks meanwhile has
+    // exec'd (it holds a copy of every fd until then).
+    drop(victim);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.group.cookie(key(2)).unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the kernel did not empty its slot"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let survivors: Vec<&TcpListener> = f.workers.iter().collect();
     let counts = accept_and_answer(&survivors, 40);
     let (ok, failed) = client_outcomes(&mut clients);
@@ -497,7 +533,7 @@ fn close_one_with_half_open(attach: AttachType) -> (usize, Vec<usize>, usize, us
     let mut clients: Vec<TcpStream> = (0..10)
         .map(|_| TcpStream::connect(f.addr).unwrap())
         .collect();
-    let half_open = syn_recv_count(f.addr.port());
+    let half_open = syn_recv_count(f.addr.port(), &clients);
     assert_eq!(listener::queue_depth(victim.as_fd()).unwrap().queued, 0);
     f.group.set_ready(&[key(2), key(3)]).unwrap();
     drop(victim);
@@ -520,15 +556,25 @@ fn a_scheduled_member_whose_listener_closed_is_skipped() {
     drop(f.workers.remove(1));
     let listeners: Vec<&TcpListener> = f.workers.iter().chain([&f.anchor]).collect();
     let h = histogram(&place_sequential(f.addr, &listeners, 10_000), 4);
+    // A SYN the kernel ran the program for more than once (a retransmission, under heavy
+    // load) takes more than one turn: each such run may shift one connection to a neighbour.
+    let extra = f.group.turns().unwrap() - 10_000;
     eprintln!(
         "MEASURE schedule [1,2,3,4] with 2's listener closed, 10000 sequential: workers 1,3,4 \
-         {:?}, anchor {}, unselected {}",
+         {:?}, anchor {}, unselected {}, turns beyond one per connection {extra}",
         &h[..3],
         h[3],
         f.group.unselected().unwrap()
     );
     // Its turns fall to the next in the schedule until the schedule is updated.
-    assert_eq!(h, vec![2_500, 5_000, 2_500, 0]);
+    let expected = [2_500, 5_000, 2_500, 0];
+    assert!(extra <= 10, "{extra} extra turns over 10000 connections");
+    assert!(
+        h.iter()
+            .zip(expected)
+            .all(|(&got, want)| got.abs_diff(want) as u64 <= extra),
+        "{h:?}, expected {expected:?} (exactly, give or take the {extra} extra turns)"
+    );
 }
 
 #[test]
@@ -594,7 +640,7 @@ fn anchor_with_reuseport_holds_connections_while_nobody_is_ready_then_requeues()
     }
     // Alone (before any worker listener): already a group of one, so it can go in the
     // sockarray and take the program at once.
-    let lone = tcp_listener("127.0.0.1:0".parse().unwrap(), true);
+    let lone = listener_reuseport_before_bind("127.0.0.1:0".parse().unwrap());
     let g = SteeredGroup::new(CAPACITY, AttachType::SelectOrMigrate).unwrap();
     let lone_insert = g.insert(Key::ANCHOR, lone.as_fd()).map_err(|e| e.errno);
     let lone_attach = g.attach(lone.as_fd()).map_err(|e| e.raw_os_error());
