@@ -398,29 +398,15 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
     }
     let fd = match addr {
         ListenAddr::Tcp(sa) | ListenAddr::Udp(sa) => {
-            let family = if sa.is_ipv4() {
-                AddressFamily::Inet
+            let reuseport_udp = !kind.is_stream()
+                && matches!(policy, DispatchPolicy::Auto | DispatchPolicy::Reuseport);
+            let open = |at: std::net::SocketAddr| open_inet(at, kind, flags, reuseport_udp);
+            let opened = if sa.port() != 0 {
+                open(*sa)
             } else {
-                AddressFamily::Inet6
+                open_any_port(*sa, sock_type(kind), open)
             };
-            let ty = if kind.is_stream() {
-                SockType::Stream
-            } else {
-                SockType::Datagram
-            };
-            let fd = socket::socket(family, ty, flags, None)
-                .map_err(|e| bind_err("create a socket for", e))?;
-            if kind.is_stream() {
-                socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
-                    .map_err(|e| bind_err("set SO_REUSEADDR for", e))?;
-            } else if matches!(policy, DispatchPolicy::Auto | DispatchPolicy::Reuseport) {
-                // A UDP socket joins a reuseport group only if it has SO_REUSEPORT when it
-                // binds (a TCP listener may get it later, as systemd's do).
-                socket::setsockopt(&fd, sockopt::ReusePort, &true)
-                    .map_err(|e| bind_err("set SO_REUSEPORT for", e))?;
-            }
-            bind_inet(&fd, *sa, ty, family).map_err(|e| bind_err("bind", e))?;
-            fd
+            opened.map_err(|(what, e)| bind_err(what, e))?
         }
         ListenAddr::Unix(path) => {
             let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)
@@ -428,13 +414,10 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
             prepare_unix_path(&spec.name, path)?;
             let ua = UnixAddr::new(path.as_path()).map_err(|e| bind_err("use the path", e))?;
             socket::bind(fd.as_raw_fd(), &ua).map_err(|e| bind_err("bind", e))?;
+            socket::listen(&fd, listen_backlog()).map_err(|e| bind_err("listen on", e))?;
             fd
         }
     };
-    if kind.is_stream() {
-        let backlog = Backlog::new(somaxconn()).unwrap_or(Backlog::MAXCONN);
-        socket::listen(&fd, backlog).map_err(|e| bind_err("listen on", e))?;
-    }
     let address = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
         .map(|a| format_addr(&a))
         .unwrap_or_else(|_| addr.to_string());
@@ -449,42 +432,96 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
     })
 }
 
-/// Bind `fd` to `addr`. Port 0 is resolved to a free port first and then bound by number:
-/// a socket whose port the kernel picked is not port-locked, so `shutdown()` releases its
-/// port and a later `listen()` takes it again outside its `SO_REUSEPORT` group, which the
+fn sock_type(kind: SocketKind) -> SockType {
+    if kind.is_stream() {
+        SockType::Stream
+    } else {
+        SockType::Datagram
+    }
+}
+
+fn listen_backlog() -> Backlog {
+    Backlog::new(somaxconn()).unwrap_or(Backlog::MAXCONN)
+}
+
+/// A socket of `kind` bound to `at`, listening if it is a stream socket. The error names the
+/// step that failed, for the message.
+fn open_inet(
+    at: std::net::SocketAddr,
+    kind: SocketKind,
+    flags: SockFlag,
+    reuseport_udp: bool,
+) -> Result<OwnedFd, (&'static str, Errno)> {
+    let family = if at.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, sock_type(kind), flags, None)
+        .map_err(|e| ("create a socket for", e))?;
+    if kind.is_stream() {
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
+            .map_err(|e| ("set SO_REUSEADDR for", e))?;
+    } else if reuseport_udp {
+        // A UDP socket joins a reuseport group only if it has SO_REUSEPORT when it
+        // binds (a TCP listener may get it later, as systemd's do).
+        socket::setsockopt(&fd, sockopt::ReusePort, &true)
+            .map_err(|e| ("set SO_REUSEPORT for", e))?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(at)).map_err(|e| ("bind", e))?;
+    if kind.is_stream() {
+        socket::listen(&fd, listen_backlog()).map_err(|e| ("listen on", e))?;
+    }
+    Ok(fd)
+}
+
+/// `open` at a free port of `addr`'s address. The port is resolved first and then bound by
+/// number: a socket whose port the kernel picked is not port-locked, so `shutdown()` releases
+/// its port and a later `listen()` takes it again outside its `SO_REUSEPORT` group, which the
 /// `reuseport` policy's requeue of the anchor relies on (docs/reuseport.md).
-fn bind_inet(
-    fd: &OwnedFd,
+///
+/// Race: another process (a second sockvisor started with port 0) may resolve the same port
+/// between the probe and the bind. Both binds can succeed (`SO_REUSEADDR`, nobody listening
+/// yet) and only the second `listen` fails, so a port taken at the bind *or* at the listen
+/// is tried again with a new socket and a new port.
+fn open_any_port(
     addr: std::net::SocketAddr,
     ty: SockType,
-    family: AddressFamily,
-) -> Result<(), Errno> {
-    if addr.port() != 0 {
-        return socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr));
-    }
-    // The port may be taken between the probe and the bind: try a few.
-    let mut last = Errno::EADDRINUSE;
+    open: impl Fn(std::net::SocketAddr) -> Result<OwnedFd, (&'static str, Errno)>,
+) -> Result<OwnedFd, (&'static str, Errno)> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let mut last = ("bind", Errno::EADDRINUSE);
     for _ in 0..16 {
-        let probe = socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, None)?;
-        socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))?;
-        let port = socket::getsockname::<SockaddrStorage>(probe.as_raw_fd())?
-            .as_sockaddr_in()
-            .map(|a| a.port())
-            .or_else(|| {
-                socket::getsockname::<SockaddrStorage>(probe.as_raw_fd())
-                    .ok()
-                    .and_then(|a| a.as_sockaddr_in6().map(|a| a.port()))
-            })
-            .unwrap_or(0);
-        drop(probe);
-        let mut chosen = addr;
-        chosen.set_port(port);
-        match socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(chosen)) {
-            Err(Errno::EADDRINUSE) => last = Errno::EADDRINUSE,
+        let port = free_port(addr, family, ty).map_err(|e| ("find a free port for", e))?;
+        let mut at = addr;
+        at.set_port(port);
+        match open(at) {
+            Err((what, Errno::EADDRINUSE)) => last = (what, Errno::EADDRINUSE),
             r => return r,
         }
     }
     Err(last)
+}
+
+/// A `ty` port of `addr`'s address that was free a moment ago (the kernel's pick for a
+/// probe).
+fn free_port(
+    addr: std::net::SocketAddr,
+    family: AddressFamily,
+    ty: SockType,
+) -> Result<u16, Errno> {
+    let probe = socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    let bound = socket::getsockname::<SockaddrStorage>(probe.as_raw_fd())?;
+    Ok(bound
+        .as_sockaddr_in()
+        .map(|a| a.port())
+        .or_else(|| bound.as_sockaddr_in6().map(|a| a.port()))
+        .unwrap_or(0))
 }
 
 /// Make `path` bindable, by the runtime-files policy (`runtime_files`): its directory must
@@ -600,6 +637,40 @@ mod tests {
         assert!(e.starts_with("nothing to listen on"), "{e}");
     }
 
+    /// Port 0: a port taken by a second sockvisor between the probe and the listen (both
+    /// binds succeed with SO_REUSEADDR; the second listen fails) is tried again with a new
+    /// port; another error is not.
+    #[test]
+    fn a_port_taken_at_the_listen_is_tried_again() {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let tries = std::cell::Cell::new(0);
+        let fd = open_any_port(any, SockType::Stream, |at| {
+            tries.set(tries.get() + 1);
+            assert_ne!(at.port(), 0);
+            match tries.get() {
+                1 => Err(("bind", Errno::EADDRINUSE)),
+                2 => Err(("listen on", Errno::EADDRINUSE)),
+                _ => open_inet(at, SocketKind::TcpListener, SockFlag::SOCK_CLOEXEC, false),
+            }
+        })
+        .unwrap();
+        assert_eq!(tries.get(), 3);
+        assert!(TcpStream::connect(
+            socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+                .unwrap()
+                .to_string()
+        )
+        .is_ok());
+        let e = open_any_port(any, SockType::Stream, |_| Err(("listen on", Errno::EACCES)));
+        assert_eq!(e.unwrap_err(), ("listen on", Errno::EACCES));
+        let e = open_any_port(any, SockType::Stream, |_| Err(("bind", Errno::EADDRINUSE)));
+        assert_eq!(
+            e.unwrap_err(),
+            ("bind", Errno::EADDRINUSE),
+            "gives up after 16"
+        );
+    }
+
     #[test]
     fn unix_paths() {
         let dir = tempfile::tempdir().unwrap();
@@ -614,10 +685,16 @@ mod tests {
                 DispatchPolicy::RoundRobin,
             )
         };
-        // A stale socket file is replaced.
+        // A stale socket file is replaced. (Stale once nobody answers: a child another test
+        // forks meanwhile holds a copy of the listener until it execs.)
         let stale = dir.path().join("stale.sock");
         drop(UnixListener::bind(&stale).unwrap());
         assert!(stale.exists());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&stale).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "still answering");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         bind(&stale).unwrap();
         // A live one is not.
         let live = dir.path().join("live.sock");
