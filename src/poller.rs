@@ -36,6 +36,8 @@ pub enum Token {
     HttpListener,
     /// One of its connections, by connection id.
     HttpClient(u32),
+    /// A worker's exec report pipe (spawn::ExecReport), by worker pid.
+    Exec(Pid),
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -54,6 +56,7 @@ impl Token {
             Token::Messages(pid) => (8, 0, pid.as_raw()),
             Token::HttpListener => (9, 0, 0),
             Token::HttpClient(id) => (10, 0, id as i32),
+            Token::Exec(pid) => (11, 0, pid.as_raw()),
         };
         debug_assert!(listener <= MAX_LISTENERS);
         kind << KIND_SHIFT | (listener as u64 & 0xffff) << LISTENER_SHIFT | u64::from(pid as u32)
@@ -73,6 +76,7 @@ impl Token {
             8 => Token::Messages(pid),
             9 => Token::HttpListener,
             10 => Token::HttpClient(data as u32),
+            11 => Token::Exec(pid),
             _ => return None,
         })
     }
@@ -159,6 +163,7 @@ mod tests {
         all.extend(pids.iter().map(|&p| Token::Probe(Pid::from_raw(p))));
         for &p in &pids {
             all.push(Token::Messages(Pid::from_raw(p)));
+            all.push(Token::Exec(Pid::from_raw(p)));
         }
         for id in [0, 1, 65_536, u32::MAX] {
             all.push(Token::HttpClient(id));

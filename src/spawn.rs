@@ -5,7 +5,7 @@
 //! `unsafe` that concerns processes.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -171,6 +171,11 @@ impl Command {
         })
     }
 
+    /// The program as resolved, for messages.
+    pub fn program_name(&self) -> std::borrow::Cow<'_, str> {
+        self.program.to_string_lossy()
+    }
+
     pub fn credentials(&self) -> Option<&Credentials> {
         self.credentials.as_ref()
     }
@@ -203,6 +208,8 @@ struct Prepared {
     fds: Vec<RawFd>,
     temp_fds: Vec<RawFd>,
     parent: libc::pid_t,
+    /// The write end of the exec report pipe.
+    exec_report: RawFd,
     /// The soft `RLIMIT_NOFILE` sockvisor started with, given back to the worker (sockvisor
     /// raises its own; a worker using `select()` must keep the usual 1024).
     nofile: Option<libc::rlimit>,
@@ -284,6 +291,7 @@ fn prepare(cmd: &Command, setup: &WorkerSetup<'_>) -> Prepared {
             .collect(),
         temp_fds: vec![-1; placed],
         parent: nix::unistd::getpid().as_raw(),
+        exec_report: -1,
         nofile: WORKER_NOFILE.get().copied(),
     }
 }
@@ -299,11 +307,48 @@ impl Prepared {
     }
 }
 
-/// Fork and exec one worker. Returns its pid. The parent's side is plain Rust; the child's
-/// side never returns. The worker leads a process group of its own, so a terminal's
-/// signals (Ctrl-C) reach sockvisor alone, and stopping a worker reaches its children too.
-pub fn spawn(cmd: &Command, setup: &WorkerSetup<'_>) -> nix::Result<Pid> {
+/// A forked worker: its pid, and the read end of its exec report (see [`ExecReport`]).
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    pub exec_report: OwnedFd,
+}
+
+/// What the exec report pipe says. The child holds the write end, close-on-exec, from fork
+/// to exec: end of file means it exec'd (or died before, which `SIGCHLD` tells); four bytes
+/// are the `errno` of a failed `execve`, written just before it exits 127.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecReport {
+    /// Not exec'd yet.
+    Pending,
+    Execed,
+    Failed(nix::errno::Errno),
+}
+
+impl ExecReport {
+    /// Read the report from the pipe's (non-blocking) read end.
+    pub fn read(pipe: &OwnedFd) -> ExecReport {
+        let mut buf = [0u8; 4];
+        loop {
+            return match nix::unistd::read(pipe, &mut buf) {
+                Ok(4) => ExecReport::Failed(nix::errno::Errno::from_raw(i32::from_le_bytes(buf))),
+                // A short report cannot happen (a pipe write of 4 bytes is atomic).
+                Ok(_) => ExecReport::Execed,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => ExecReport::Pending,
+            };
+        }
+    }
+}
+
+/// Fork and exec one worker. The parent's side is plain Rust; the child's side never
+/// returns. The worker leads a process group of its own, so a terminal's signals (Ctrl-C)
+/// reach sockvisor alone, and stopping a worker reaches its children too.
+pub fn spawn(cmd: &Command, setup: &WorkerSetup<'_>) -> nix::Result<Spawned> {
+    let (report_read, report_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
     let mut prepared = prepare(cmd, setup);
+    prepared.exec_report = report_write.as_raw_fd();
     let argv_ptrs: Vec<*const libc::c_char> = cmd
         .argv
         .iter()
@@ -315,10 +360,15 @@ pub fn spawn(cmd: &Command, setup: &WorkerSetup<'_>) -> nix::Result<Pid> {
     // `exec_child`, which makes async-signal-safe syscalls on memory prepared above.
     match unsafe { nix::unistd::fork() }? {
         ForkResult::Parent { child } => {
+            // Only the child may hold the write end, or the end of file never comes.
+            drop(report_write);
             // Also from the parent, so the group exists before anyone signals it (the
             // child may not have run yet). EACCES once it has exec'd: it did it itself.
             let _ = nix::unistd::setpgid(child, child);
-            Ok(child)
+            Ok(Spawned {
+                pid: child,
+                exec_report: report_read,
+            })
         }
         ForkResult::Child => {
             // SAFETY: we are the freshly forked child of a single-threaded parent.
@@ -368,6 +418,12 @@ unsafe fn exec_child(cmd: &Command, prepared: &mut Prepared, argv: &[*const libc
     // no-op that keeps CLOEXEC.
     let n = prepared.fds.len() as RawFd;
     let above = 3 + n;
+    // The exec report's write end, out of the way of the placement and of the close_range
+    // below; still close-on-exec.
+    let report = libc::fcntl(prepared.exec_report, libc::F_DUPFD_CLOEXEC, above);
+    if report < 0 {
+        libc::_exit(126);
+    }
     for (i, &fd) in prepared.fds.iter().enumerate() {
         let t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above);
         if t < 0 {
@@ -380,10 +436,20 @@ unsafe fn exec_child(cmd: &Command, prepared: &mut Prepared, argv: &[*const libc
             libc::_exit(126);
         }
     }
-    // Anything else sockvisor inherited without CLOEXEC must not reach the worker either.
+    // Anything else sockvisor inherited without CLOEXEC must not reach the worker either:
+    // everything from `above` on but the report (the lowest free fd from `above` when it
+    // was duplicated, so only fds that were open before lie between).
+    if report > above {
+        libc::syscall(
+            libc::SYS_close_range,
+            above as libc::c_uint,
+            (report - 1) as libc::c_uint,
+            0 as libc::c_uint,
+        );
+    }
     libc::syscall(
         libc::SYS_close_range,
-        above as libc::c_uint,
+        (report + 1) as libc::c_uint,
         libc::c_uint::MAX,
         0 as libc::c_uint,
     );
@@ -435,6 +501,8 @@ unsafe fn exec_child(cmd: &Command, prepared: &mut Prepared, argv: &[*const libc
         argv.as_ptr(),
         prepared.envp.as_ptr() as *const *const libc::c_char,
     );
+    let errno = (*libc::__errno_location()).to_le_bytes();
+    libc::write(report, errno.as_ptr().cast(), errno.len());
     libc::_exit(127);
 }
 

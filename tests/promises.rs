@@ -377,6 +377,50 @@ fn a_fleet_that_never_gets_ready_gives_up_with_exit_69() {
     );
 }
 
+/// docs/config.md, `ready = "exec"`: a worker is ready once it has been exec'd, as systemd's
+/// `Type=exec`. A program the kernel refuses to exec (a script whose interpreter is missing)
+/// is never ready: no READY=1 upstream, the log says why exec failed, the fleet gives up.
+/// (It used to count as ready at fork: READY=1 went out for a fleet that could not run.)
+#[test]
+fn a_worker_whose_exec_fails_is_never_ready_and_the_log_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("server");
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut notify = NotifySocket::new();
+    let mut fleet = sockvisor(
+        &[
+            "--workers",
+            "2",
+            "--listen",
+            "web=tcp://127.0.0.1:0",
+            "--ready",
+            "exec",
+            "--restart-delay",
+            "10ms",
+            "--give-up-after",
+            "2",
+        ],
+        vec![script.display().to_string()],
+    )
+    .notify(&notify)
+    .start();
+    let status = fleet.wait(T).expect("sockvisor gives up");
+    let log = fleet.log();
+    assert_eq!(status.code(), Some(69), "{log}");
+    let why = format!(
+        "could not be started: exec {}: No such file or directory",
+        script.display()
+    );
+    assert!(log.contains(&why), "{log}");
+    assert!(!log.contains(" ready (pid "), "{log}");
+    let all = notify.drained();
+    assert!(
+        !all.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+        "READY=1 from a fleet whose workers could not be exec'd: {all:?}"
+    );
+}
+
 // --------------------------------------------------------------------- worker health
 
 /// docs/config.md: `wedged_after`: "a worker whose queue does not move for this long is

@@ -161,8 +161,8 @@ pub(crate) const KEYS: &[Key] = &[
         arg: "MODE",
         kind: Kind::Ready,
         default: Default::Value("exec"),
-        help: "exec: ready once started | notify: ready at the worker's READY=1 on NOTIFY_SOCKET",
-        doc: "a worker is ready at `exec`, or at its `READY=1` (`notify`)",
+        help: "exec: ready once exec'd (a failed exec is never ready) | notify: ready at the worker's READY=1 on NOTIFY_SOCKET",
+        doc: "a worker is ready once its `execve` succeeded (`exec`, as systemd's `Type=exec`), or at its `READY=1` (`notify`)",
         ..BASE
     },
     Key {

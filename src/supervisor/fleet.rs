@@ -54,6 +54,10 @@ pub struct Worker {
     pub watchdog_deadline: Option<Instant>,
     /// Why sockvisor stopped it for its health (`Departure::Failed`), for the metrics.
     pub failure: Option<EndReason>,
+    /// The read end of its exec report (spawn::ExecReport) until it says the worker exec'd.
+    pub exec_report: Option<std::os::fd::OwnedFd>,
+    /// Why its exec failed, once the report said so (its exit follows).
+    pub exec_error: Option<nix::errno::Errno>,
 }
 
 impl Worker {

@@ -7,10 +7,12 @@ use crate::config::ReadyMode;
 use crate::dispatch::WorkerRef;
 use crate::exit;
 use crate::observe::metrics::EndReason;
-use crate::spawn::{self, WorkerSetup};
+use crate::poller::Token;
+use crate::spawn::{self, ExecReport, WorkerSetup};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 /// `50ms`, `1.6s`.
@@ -26,9 +28,7 @@ fn human(d: Duration) -> String {
 fn describe(status: WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, 0) => "exited with status 0".to_string(),
-        WaitStatus::Exited(_, 127) => {
-            "exited with status 127 (exec failed: command not found?)".to_string()
-        }
+        WaitStatus::Exited(_, 127) => "exited with status 127 (command not found?)".to_string(),
         WaitStatus::Exited(_, 126) => {
             "exited with status 126 (could not set up its fds or exec)".to_string()
         }
@@ -108,8 +108,8 @@ impl Supervisor {
         let forked = spawn::spawn(&self.command, &setup);
         drop(fds);
         drop(extra_fds);
-        let pid = match forked {
-            Ok(pid) => pid,
+        let (pid, exec_report) = match forked {
+            Ok(spawned) => (spawned.pid, spawned.exec_report),
             Err(e) => {
                 log::error!("slot {slot}: fork failed: {e}");
                 self.dispatch.discard_staged();
@@ -148,8 +148,11 @@ impl Supervisor {
                 watchdog: self.config.worker_watchdog,
                 watchdog_deadline: self.config.worker_watchdog.map(|w| now + w),
                 failure: None,
+                exec_report: None,
+                exec_error: None,
             },
         );
+        self.watch_exec(pid, exec_report);
         log::info!(
             "worker {slot} started (pid {pid}, generation {}){}",
             self.generation,
@@ -162,11 +165,54 @@ impl Supervisor {
         if make_current {
             self.slots[slot].current = Some(pid);
         }
-        if ready_at_exec {
-            self.worker_ready(pid);
-        }
         self.dirty = true;
         Some(pid)
+    }
+
+    /// Wait for the worker's exec report (spawn::ExecReport): `ready = "exec"` workers are
+    /// ready once it says they exec'd.
+    fn watch_exec(&mut self, pid: Pid, report: OwnedFd) {
+        if let Err(e) = self.poller.register(&report, Token::Exec(pid)) {
+            // Without it the worker would never count as exec'd: assume it did.
+            log::error!("pid {pid}: cannot poll its exec report: {e}");
+            self.worker_execed(pid);
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.exec_report = Some(report);
+        }
+    }
+
+    /// The exec report pipe is readable: the worker exec'd, or its exec failed.
+    pub(super) fn exec_reported(&mut self, pid: Pid) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let Some(report) = w.exec_report.as_ref() else {
+            return;
+        };
+        let said = ExecReport::read(report);
+        if said == ExecReport::Pending {
+            return;
+        }
+        if let Some(report) = w.exec_report.take() {
+            self.poller.unregister(&report);
+        }
+        match said {
+            // Its exit (127) follows; worker_exited tells why.
+            ExecReport::Failed(e) => w.exec_error = Some(e),
+            _ => self.worker_execed(pid),
+        }
+    }
+
+    fn worker_execed(&mut self, pid: Pid) {
+        let starting = self
+            .workers
+            .get(&pid)
+            .is_some_and(|w| matches!(w.state, WorkerState::Starting { .. }));
+        if starting && self.config.ready == ReadyMode::Exec {
+            self.worker_ready(pid);
+        }
     }
 
     /// The worker may receive connections.
@@ -209,6 +255,23 @@ impl Supervisor {
             return;
         };
         self.dirty = true;
+        // A failed exec wrote its errno before the exit; say that rather than guess from 127.
+        let exec_error = worker.exec_error.or_else(|| {
+            let report = worker.exec_report.as_ref()?;
+            self.poller.unregister(report);
+            match ExecReport::read(report) {
+                ExecReport::Failed(e) => Some(e),
+                _ => None,
+            }
+        });
+        let how = match exec_error {
+            Some(e) => format!(
+                "could not be started: exec {}: {}",
+                self.command.program_name(),
+                e.desc()
+            ),
+            _ => describe(status),
+        };
         let departure = worker.departure();
         let diagnosis = match departure {
             None | Some(Departure::Failed) if !self.stopping() => self.dispatch.diagnose(pid),
@@ -246,12 +309,10 @@ impl Supervisor {
             self.slots[slot].current = None;
         }
         if self.stopping() || exit_expected(departure, status) {
-            log::info!("worker {slot} (pid {pid}) {}", describe(status));
+            log::info!("worker {slot} (pid {pid}) {}", how);
             let refill = is_current && !self.stopping() && departure != Some(Departure::Retired);
             if refill {
-                self.observer
-                    .tally
-                    .restarted(slot, EndReason::Exit, &describe(status));
+                self.observer.tally.restarted(slot, EndReason::Exit, &how);
                 self.refill(slot, uptime, worker.started_up(now), now);
             }
             return;
@@ -262,7 +323,7 @@ impl Supervisor {
             log::warn!(
                 "worker {slot} (pid {pid}, generation {}) {} after {:.1}s",
                 worker.generation,
-                describe(status),
+                how,
                 uptime.as_secs_f64()
             );
             return;
@@ -281,12 +342,10 @@ impl Supervisor {
                 .history
                 .failed(&self.config.backoff, uptime, worker.started_up(now));
         let reason = self.end_reason(&worker, status);
-        self.observer
-            .tally
-            .restarted(slot, reason, &describe(status));
+        self.observer.tally.restarted(slot, reason, &how);
         log::warn!(
             "worker {slot} (pid {pid}) {}{} after {:.1}s; restarting in {}",
-            describe(status),
+            how,
             if reason == EndReason::Oom {
                 " (OOM kill: its cgroup counted one)"
             } else {

@@ -344,6 +344,7 @@ impl Supervisor {
             Token::Messages(pid) => self.route_messages(pid),
             Token::HttpListener => self.http_accept(),
             Token::HttpClient(id) => self.http_ready(id),
+            Token::Exec(pid) => self.exec_reported(pid),
             Token::Listener(_) | Token::Channel { .. } => {
                 let now = Instant::now();
                 self.dispatch.handle(token, &self.poller, now);
