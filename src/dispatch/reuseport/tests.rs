@@ -331,21 +331,36 @@ fn round_robin_is_exact_over_2_and_4_listeners() {
         let f = Fleet::new(n, AttachType::SelectOrMigrate);
         let placed = place_sequential(f.addr, &f.all(), 10_000);
         let h = histogram(&placed, n + 1);
+        // Runs of the program beyond one per connection (seen once in 50 parallel runs of
+        // the suite under heavy load: the kernel ran it twice for one SYN). Each shifts the
+        // rotation by one turn from that connection on.
+        let extra = f.group.turns().unwrap() - 10_000;
         eprintln!(
-            "MEASURE rr n={n} 10000 sequential: workers={:?} anchor={}",
+            "MEASURE rr n={n} 10000 sequential: workers={:?} anchor={} extra turns {extra}",
             &h[..n],
             h[n]
         );
-        assert!(h[..n].iter().all(|&c| c == 10_000 / n), "{h:?}");
+        assert!(extra <= 10, "{extra} extra turns");
         assert_eq!(
             h[n], 0,
             "the anchor is never chosen while workers are ready"
         );
-        // Strict rotation: 0, 1, .., n-1, 0, 1, ..
-        assert!(placed.iter().enumerate().all(|(i, &w)| w == i % n));
-        for i in 1..=n {
-            let c = f.group.counters(key(i)).unwrap();
-            assert_eq!(c.dispatched, (10_000 / n) as u64);
+        let dispatched: Vec<u64> = (1..=n)
+            .map(|i| f.group.counters(key(i)).unwrap().dispatched)
+            .collect();
+        assert_eq!(dispatched.iter().sum::<u64>(), 10_000 + extra);
+        if extra == 0 {
+            assert!(h[..n].iter().all(|&c| c == 10_000 / n), "{h:?}");
+            // Strict rotation: 0, 1, .., n-1, 0, 1, ..
+            assert!(placed.iter().enumerate().all(|(i, &w)| w == i % n));
+            assert!(dispatched.iter().all(|&d| d == (10_000 / n) as u64));
+        } else {
+            assert!(
+                h[..n]
+                    .iter()
+                    .all(|&c| c.abs_diff(10_000 / n) as u64 <= extra),
+                "{h:?}"
+            );
         }
         assert_eq!(f.group.unselected().unwrap(), 0);
     }
