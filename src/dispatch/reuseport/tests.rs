@@ -255,8 +255,9 @@ fn wait_queued(listener: &impl AsFd, n: u32) -> u32 {
 }
 
 /// Connections from `clients` that the server side holds in `SYN_RECV` on `port`. Only these
-/// clients' own: a listener that had the same port number in an earlier test may have left
-/// request sockets behind until their timer ends.
+/// clients' own (a listener that had the same port number in an earlier test may have left
+/// request sockets behind until their timer ends), each once: /proc/net/tcp is read in
+/// chunks, and a table that changes between two reads can show an entry twice.
 fn syn_recv_count(port: u16, clients: &[TcpStream]) -> usize {
     let local = format!(":{port:04X}");
     let remotes: Vec<String> = clients
@@ -267,14 +268,16 @@ fn syn_recv_count(port: u16, clients: &[TcpStream]) -> usize {
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| {
+        .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3
+            (f.len() > 3
                 && f[1].ends_with(&local)
                 && remotes.iter().any(|r| f[2].ends_with(r.as_str()))
-                && f[3] == "03"
+                && f[3] == "03")
+                .then(|| (f[1].to_string(), f[2].to_string()))
         })
-        .count()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 /// An anchor (SO_REUSEPORT) and `n` worker listeners beside it, all in the sockarray
