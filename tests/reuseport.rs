@@ -860,6 +860,42 @@ fn udp_flows_spread_over_the_workers_and_one_flow_stays_on_one() {
     }
 }
 
+/// A UDP socket passed as systemd binds it without `ReusePort=yes` (no SO_REUSEPORT at bind):
+/// sockvisor sets it, and the workers' sockets make a group with it, steered by flow.
+#[test]
+fn a_passed_udp_socket_bound_without_so_reuseport_is_steered() {
+    if !require_root() {
+        return;
+    }
+    let passed = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = passed.local_addr().unwrap().port();
+    let fleet = FleetBuilder::new([
+        "--workers",
+        "4",
+        "--listen",
+        "dns",
+        "--",
+        python(),
+        probe_script().to_str().unwrap(),
+    ])
+    .pass(passed, "dns")
+    .start();
+    let status = wait_ready(&fleet, 4);
+    let l = listener_status(&status);
+    assert_eq!(l["policy"], "reuseport", "{l:#}\n{}", fleet.log());
+    let mut counts: BTreeMap<usize, u64> = BTreeMap::new();
+    for _ in 0..2_000 {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(T)).unwrap();
+        *counts.entry(udp_round_trip(&sock, port)).or_default() += 1;
+    }
+    let r = ratio(&counts, 4);
+    eprintln!(
+        "UDP passed without SO_REUSEPORT, 2,000 flows over 4 workers: {counts:?}, max/min {r:.3}"
+    );
+    assert!(r <= 1.3, "max/min {r:.3}: {counts:?}");
+}
+
 // ---- 7. the wrong mode ------------------------------------------------------------------
 
 /// What sockvisor says of a program that accepts on fd 3 under a channel policy.

@@ -2023,9 +2023,9 @@ fn udp_flows(flows: usize, per_flow: usize) -> Vec<BTreeSet<u32>> {
 /// group when the first worker listener listens. The UDP socket (myapp-dns.socket ships
 /// `ReusePort=yes`) is steered by flow: 64 client ports, each on one worker, all 4 used.
 ///
-/// `reuseport_yes = true`: a drop-in `ReusePort=yes` on myapp.socket (the same results), and
-/// `ReusePort=no` on myapp-dns.socket: a UDP socket bound without SO_REUSEPORT cannot get a
-/// group, so that listener falls back to `shared` and `status` says why.
+/// `reuseport_yes = true`: a drop-in `ReusePort=yes` on myapp.socket, and `ReusePort=no` on
+/// myapp-dns.socket: the same results. sockvisor sets SO_REUSEPORT on the UDP socket too, and
+/// the first worker socket bound beside it makes a group of both.
 fn reuseport_scenario(test: &str, flavour: Flavour, reuseport_yes: bool) {
     let Some(_lock) = start(test, flavour) else {
         return;
@@ -2118,33 +2118,19 @@ fn reuseport_scenario(test: &str, flavour: Flavour, reuseport_yes: bool) {
     ]);
     eprintln!("[e2e] {}: sockvisor status:\n{table}", f.test);
 
-    // UDP
+    // UDP (bound with SO_REUSEPORT or not: the same)
     let (policy, note) = listener_policy(&v, "dns");
-    if reuseport_yes {
-        assert_eq!(policy, "shared", "{v}");
-        let note = note.unwrap_or_default();
-        assert!(
-            note.contains("without SO_REUSEPORT") && note.contains("ReusePort=yes"),
-            "{v}"
-        );
-        assert!(
-            journal.contains("dns: dispatch shared, not reuseport: "),
-            "{journal}"
-        );
-        f.net().assert_udp_echo(b"shared-udp");
-    } else {
-        assert_eq!((policy.as_str(), note), ("reuseport", None), "{v}");
-        let flows = f.net().run(|| udp_flows(64, 3));
-        let split = flows.iter().filter(|p| p.len() != 1).count();
-        let used: BTreeSet<u32> = flows.iter().flatten().copied().collect();
-        eprintln!(
-            "[e2e] {}: UDP: 64 flows x 3 datagrams: {split} flows on more than one worker, \
+    assert_eq!((policy.as_str(), note), ("reuseport", None), "{v}");
+    let flows = f.net().run(|| udp_flows(64, 3));
+    let split = flows.iter().filter(|p| p.len() != 1).count();
+    let used: BTreeSet<u32> = flows.iter().flatten().copied().collect();
+    eprintln!(
+        "[e2e] {}: UDP: 64 flows x 3 datagrams: {split} flows on more than one worker, \
              workers used {used:?}",
-            f.test
-        );
-        assert_eq!(split, 0, "a flow moved between workers: {flows:?}");
-        assert_eq!(used, workers, "flows not spread over every worker");
-    }
+        f.test
+    );
+    assert_eq!(split, 0, "a flow moved between workers: {flows:?}");
+    assert_eq!(used, workers, "flows not spread over every worker");
     f.done();
 }
 

@@ -175,12 +175,12 @@ impl Steered {
         };
         let backlog = crate::activation::somaxconn();
         if datagram {
-            // A UDP socket joins a group only if it had SO_REUSEPORT when it was bound.
+            // A UDP socket bound without SO_REUSEPORT (systemd's, unless ReusePort=yes) may
+            // get it now: the first worker socket bound beside it makes a group of both
+            // (udp_reuseport_add_sock allocates the anchor's group then).
             if !getsockopt(&anchor, sockopt::ReusePort).unwrap_or(false) {
-                return Err(
-                    "the UDP socket was bound without SO_REUSEPORT (add ReusePort=yes to the socket unit)"
-                        .into(),
-                );
+                listener::enable_reuseport(anchor)
+                    .map_err(|e| format!("cannot set SO_REUSEPORT on the socket: {e}"))?;
             }
         } else {
             if !listener::is_listening(anchor).unwrap_or(false) {
