@@ -23,9 +23,12 @@ fn wait_running(fleet: &Fleet) {
             &sockvisor::control::Request::Status,
             Duration::from_secs(5),
         ) {
-            let s = r.status.expect("a status");
-            if s.state == "running" && s.workers.iter().all(|w| w.state == "ready") {
-                return;
+            // An error reply (right after a flood: "too many clients" until the flood's
+            // clients are gone) means not yet.
+            if let Some(s) = r.status {
+                if s.state == "running" && s.workers.iter().all(|w| w.state == "ready") {
+                    return;
+                }
             }
         }
         assert!(Instant::now() < deadline, "not running: {}", fleet.log());

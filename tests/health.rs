@@ -547,15 +547,13 @@ fn interop_python_systemd_daemon() {
 #[test]
 fn extend_timeout_usec_gives_a_slow_worker_more_time_to_get_ready() {
     let mut notify = NotifySocket::new();
-    let fleet = fleet(
-        1,
-        &["--ready", "notify", "--ready-timeout", "400ms"],
-        probe(),
-    )
-    .env("PROBE_NOTIFY_AT_START", "EXTEND_TIMEOUT_USEC=5000000")
-    .env("PROBE_READY_DELAY", "1.2")
-    .notify(&notify)
-    .start();
+    // The worker must say EXTEND_TIMEOUT_USEC= within the ready timeout: 2 s leaves room for
+    // Python's start on a loaded machine (400 ms did not, under a parallel stress run).
+    let fleet = fleet(1, &["--ready", "notify", "--ready-timeout", "2s"], probe())
+        .env("PROBE_NOTIFY_AT_START", "EXTEND_TIMEOUT_USEC=10000000")
+        .env("PROBE_READY_DELAY", "2.5")
+        .notify(&notify)
+        .start();
     let port = fleet.port("web");
     notify
         .wait_for("READY=1", T)

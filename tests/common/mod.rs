@@ -696,7 +696,14 @@ impl Fleet {
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         self.wait_until(what, SAFETY_TIMEOUT, || {
-            let s = self.status();
+            // Not answering yet (a fleet just started may not have made its control socket):
+            // wait; gone: fail with its log.
+            let out = self.ctl(&["status", "--json"]);
+            if !out.status.success() {
+                self.watch.fail_if_gone(what);
+                return None;
+            }
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             pred(&s).then_some(s)
         })
     }
