@@ -398,9 +398,7 @@ fn bind_spec(spec: &ListenerSpec) -> Result<Listener, ActivationError> {
     }
     let fd = match addr {
         ListenAddr::Tcp(sa) | ListenAddr::Udp(sa) => {
-            let reuseport_udp = !kind.is_stream()
-                && matches!(policy, DispatchPolicy::Auto | DispatchPolicy::Reuseport);
-            let open = |at: std::net::SocketAddr| open_inet(at, kind, flags, reuseport_udp);
+            let open = |at: std::net::SocketAddr| open_inet(at, kind, flags);
             let opened = if sa.port() != 0 {
                 open(*sa)
             } else {
@@ -446,11 +444,15 @@ fn listen_backlog() -> Backlog {
 
 /// A socket of `kind` bound to `at`, listening if it is a stream socket. The error names the
 /// step that failed, for the message.
+///
+/// No `SO_REUSEPORT` here, TCP or UDP: bound with it, the socket would silently join the
+/// group of another process of the same user on that port (a second sockvisor) instead of
+/// failing with "address in use". The `reuseport` policy sets it afterwards, as on a socket
+/// systemd passed (dispatch/reuseport/steered.rs).
 fn open_inet(
     at: std::net::SocketAddr,
     kind: SocketKind,
     flags: SockFlag,
-    reuseport_udp: bool,
 ) -> Result<OwnedFd, (&'static str, Errno)> {
     let family = if at.is_ipv4() {
         AddressFamily::Inet
@@ -462,11 +464,6 @@ fn open_inet(
     if kind.is_stream() {
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
             .map_err(|e| ("set SO_REUSEADDR for", e))?;
-    } else if reuseport_udp {
-        // A UDP socket joins a reuseport group only if it has SO_REUSEPORT when it
-        // binds (a TCP listener may get it later, as systemd's do).
-        socket::setsockopt(&fd, sockopt::ReusePort, &true)
-            .map_err(|e| ("set SO_REUSEPORT for", e))?;
     }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(at)).map_err(|e| ("bind", e))?;
     if kind.is_stream() {
@@ -650,7 +647,7 @@ mod tests {
             match tries.get() {
                 1 => Err(("bind", Errno::EADDRINUSE)),
                 2 => Err(("listen on", Errno::EADDRINUSE)),
-                _ => open_inet(at, SocketKind::TcpListener, SockFlag::SOCK_CLOEXEC, false),
+                _ => open_inet(at, SocketKind::TcpListener, SockFlag::SOCK_CLOEXEC),
             }
         })
         .unwrap();

@@ -818,21 +818,26 @@ fn udp_round_trip(sock: &UdpSocket, port: u16) -> usize {
     udp_worker(&String::from_utf8_lossy(&buf[..n]))
 }
 
+/// `workers` probe workers (they echo datagrams with their id) on one UDP listener.
+fn udp_probe_fleet(workers: usize, listen: &str) -> Fleet {
+    FleetBuilder::new([
+        "--workers",
+        &workers.to_string(),
+        "--listen",
+        listen,
+        "--",
+        python(),
+        probe_script().to_str().unwrap(),
+    ])
+    .start()
+}
+
 #[test]
 fn udp_flows_spread_over_the_workers_and_one_flow_stays_on_one() {
     if !require_root() {
         return;
     }
-    let fleet = FleetBuilder::new([
-        "--workers",
-        "4",
-        "--listen",
-        "dns=udp://127.0.0.1:0",
-        "--",
-        python(),
-        probe_script().to_str().unwrap(),
-    ])
-    .start();
+    let fleet = udp_probe_fleet(4, "dns=udp://127.0.0.1:0");
     let port = fleet.port("dns");
     let status = wait_ready(&fleet, 4);
     assert_eq!(
@@ -894,6 +899,37 @@ fn a_passed_udp_socket_bound_without_so_reuseport_is_steered() {
         "UDP passed without SO_REUSEPORT, 2,000 flows over 4 workers: {counts:?}, max/min {r:.3}"
     );
     assert!(r <= 1.3, "max/min {r:.3}: {counts:?}");
+}
+
+/// A second fleet started on the UDP port of a running one (same user) fails with "address in
+/// use", as it would on a TCP port: sockvisor binds without SO_REUSEPORT and sets it only
+/// afterwards. (Bound with it, the second fleet silently joined the first one's group and
+/// took some of its datagrams.)
+#[test]
+fn a_second_fleet_on_a_served_udp_port_is_refused_not_merged() {
+    if !require_root() {
+        return;
+    }
+    let first = udp_probe_fleet(2, "dns=udp://127.0.0.1:0");
+    let port = first.port("dns");
+    let status = wait_ready(&first, 2);
+    assert_eq!(
+        listener_status(&status)["policy"],
+        "reuseport",
+        "{status:#}"
+    );
+    let url = format!("dns=udp://127.0.0.1:{port}");
+    let mut second = udp_probe_fleet(2, &url);
+    let exit = second.wait(T).expect("the second fleet exits");
+    let log = second.log();
+    assert!(!exit.success(), "{log}");
+    assert!(log.contains("Address already in use"), "{log}");
+    // The first one still answers every flow.
+    for _ in 0..50 {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(T)).unwrap();
+        udp_round_trip(&sock, port);
+    }
 }
 
 // ---- 7. the wrong mode ------------------------------------------------------------------
