@@ -362,15 +362,7 @@ fn least_connections_skips_a_worker_holding_long_connections() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    fleet.wait_status("the second worker ready", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "ready")
-            .count()
-            == 2
-    });
+    fleet.wait_ready_count("the second worker ready", 2);
     for _ in 0..20 {
         let (id, _) = who(&http_get(port).unwrap());
         assert_eq!(

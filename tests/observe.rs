@@ -166,15 +166,7 @@ fn metrics_pass_promtool_and_counters_move() {
     fleet.wait_until("the restart counted", SAFETY_TIMEOUT, || {
         (value(&metrics(addr), &series) == Some(1.0)).then_some(())
     });
-    let status = fleet.wait_status("the slot refilled", |s| {
-        s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "ready")
-            .count()
-            == 2
-    });
+    let status = fleet.wait_ready_count("the slot refilled", 2);
     let row = status["workers"]
         .as_array()
         .unwrap()

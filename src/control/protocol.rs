@@ -104,19 +104,12 @@ pub struct WorkerMessages {
     pub dropped: u64,
 }
 
-/// The fleet's message figures in `status`, since sockvisor started.
+/// The fleet's message figures in `status`, since sockvisor started: the router's totals,
+/// flattened into one object with the followers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageTotals {
-    pub delivered: u64,
-    pub to_operator: u64,
-    /// Messages to the operator while no `messages --follow` client was connected.
-    pub unheard: u64,
-    /// Messages for a slot without a worker that takes messages.
-    pub undeliverable: u64,
-    /// Messages dropped: a receiver's queue was full, or it went away with messages queued.
-    pub dropped: u64,
-    /// Packets from workers that were not messages (skipped).
-    pub malformed: u64,
+    #[serde(flatten)]
+    pub totals: crate::messages::Totals,
     /// `messages --follow` clients connected now.
     pub followers: usize,
 }

@@ -196,7 +196,13 @@ fn messages_table(status: &FleetStatus, m: &MessageTotals) -> String {
         "
 messages: {} delivered, {} to the operator ({} unheard), {} undeliverable, {} dropped, {} malformed; {} following
 ",
-        m.delivered, m.to_operator, m.unheard, m.undeliverable, m.dropped, m.malformed, m.followers
+        m.totals.delivered,
+        m.totals.to_operator,
+        m.totals.unheard,
+        m.totals.undeliverable,
+        m.totals.dropped,
+        m.totals.malformed,
+        m.followers
     );
     let mut rows = vec![header(&[
         "SLOT", "PID", "SENT", "RECEIVED", "QUEUED", "DROPPED",
@@ -357,12 +363,14 @@ pub(super) mod tests {
     fn messages_section() {
         let mut s = sample_status();
         s.messages = Some(MessageTotals {
-            delivered: 10,
-            to_operator: 2,
-            unheard: 1,
-            undeliverable: 0,
-            dropped: 5,
-            malformed: 0,
+            totals: crate::messages::Totals {
+                delivered: 10,
+                to_operator: 2,
+                unheard: 1,
+                undeliverable: 0,
+                dropped: 5,
+                malformed: 0,
+            },
             followers: 1,
         });
         s.workers[0].messages = Some(crate::control::WorkerMessages {

@@ -55,8 +55,9 @@ pub struct EndpointFigures {
     pub dropped: u64,
 }
 
-/// The fleet's message figures since sockvisor started, for `status`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The fleet's message figures since sockvisor started, for `status` (its `messages` object,
+/// with the followers beside them: `control::MessageTotals`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
     /// Messages written into workers' sockets.
     pub delivered: u64,

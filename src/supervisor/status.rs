@@ -190,12 +190,7 @@ impl Supervisor {
             messages: (self.config.messages || self.messages.has_endpoints()).then(|| {
                 let t = self.messages.totals();
                 MessageTotals {
-                    delivered: t.delivered,
-                    to_operator: t.to_operator,
-                    unheard: t.unheard,
-                    undeliverable: t.undeliverable,
-                    dropped: t.dropped,
-                    malformed: t.malformed,
+                    totals: t,
                     followers: self.control.as_ref().map_or(0, |c| c.followers()),
                 }
             }),

@@ -677,16 +677,32 @@ impl Fleet {
 
     /// `sockvisor status --json`.
     pub fn status(&self) -> serde_json::Value {
+        self.try_status("sockvisor status")
+            .unwrap_or_else(|e| panic!("sockvisor status: {e}"))
+    }
+
+    /// `sockvisor status --json`, or what `status` said on stderr if it got no answer; fails
+    /// with the log if sockvisor is gone (`waiting_for` names the wait).
+    fn try_status(&self, waiting_for: &str) -> Result<serde_json::Value, String> {
         let out = self.ctl(&["status", "--json"]);
         if !out.status.success() {
-            self.watch.fail_if_gone("sockvisor status");
+            self.watch.fail_if_gone(waiting_for);
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// Wait until `n` workers are ready (others may be starting or stopping).
+    pub fn wait_ready_count(&self, what: &str, n: usize) -> serde_json::Value {
+        self.wait_status(what, |s| {
+            s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["state"] == "ready")
+                .count()
+                == n
+        })
     }
 
     /// Wait until `sockvisor status --json` satisfies `pred`; returns that status.
@@ -698,12 +714,7 @@ impl Fleet {
         self.wait_until(what, SAFETY_TIMEOUT, || {
             // Not answering yet (a fleet just started may not have made its control socket):
             // wait; gone: fail with its log.
-            let out = self.ctl(&["status", "--json"]);
-            if !out.status.success() {
-                self.watch.fail_if_gone(what);
-                return None;
-            }
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let s = self.try_status(what).ok()?;
             pred(&s).then_some(s)
         })
     }

@@ -65,6 +65,15 @@ fn stream_socket(family: AddressFamily) -> OwnedFd {
     socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()
 }
 
+/// `addr` with port 0 replaced by a port that was free a moment ago (the kernel's pick).
+fn resolve_port(addr: SocketAddr) -> SocketAddr {
+    let mut at = addr;
+    if at.port() == 0 {
+        at.set_port(TcpListener::bind(at).unwrap().local_addr().unwrap().port());
+    }
+    at
+}
+
 /// A TCP listener at `addr` (with `SO_REUSEPORT` or not), non-blocking.
 ///
 /// Port 0 is resolved first and bound by number, as sockvisor does: a socket whose port the
@@ -83,10 +92,7 @@ fn tcp_listener(addr: SocketAddr, reuseport: bool) -> TcpListener {
         if addr.is_ipv6() {
             setsockopt(&s, sockopt::Ipv6V6Only, &false).unwrap();
         }
-        let mut at = addr;
-        if at.port() == 0 {
-            at.set_port(TcpListener::bind(at).unwrap().local_addr().unwrap().port());
-        }
+        let at = resolve_port(addr);
         let listening = bind(s.as_raw_fd(), &SockaddrStorage::from(at))
             .and_then(|()| listen(&s, Backlog::new(128).unwrap()));
         match listening {
@@ -110,10 +116,7 @@ fn tcp_listener(addr: SocketAddr, reuseport: bool) -> TcpListener {
 fn listener_reuseport_before_bind(addr: SocketAddr) -> TcpListener {
     let s = stream_socket(AddressFamily::Inet);
     setsockopt(&s, sockopt::ReusePort, &true).unwrap();
-    let mut at = addr;
-    if at.port() == 0 {
-        at.set_port(TcpListener::bind(at).unwrap().local_addr().unwrap().port());
-    }
+    let at = resolve_port(addr);
     bind(s.as_raw_fd(), &SockaddrStorage::from(at)).unwrap();
     listen(&s, Backlog::new(128).unwrap()).unwrap();
     TcpListener::from(s)
